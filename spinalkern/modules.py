@@ -1,0 +1,141 @@
+"""SpinalHead and ProgressiveHead: drop-in nn.Modules over every backend."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import _backends
+from .reference import reference_forward
+from .rng import new_seed
+from .spec import HeadSpec
+
+
+def _check_size(name, v, allow_zero=False):
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+    if v < 0 or (v == 0 and not allow_zero):
+        raise ValueError(f"{name} must be positive, got {v}")
+
+
+class _Head(nn.Module):
+    def __init__(self, spec: HeadSpec, dropout: float, batch_norm: bool, backend: str):
+        super().__init__()
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) \
+                or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
+        if backend not in _backends.BACKENDS:
+            raise ValueError(f"backend must be one of {_backends.BACKENDS}, got {backend!r}")
+        self.spec = spec
+        self.dropout = float(dropout)
+        self.backend = backend
+        self.layers = nn.ModuleList(nn.Linear(spec.in_width(L), spec.H) for L in range(spec.n))
+        self.out = nn.Linear(spec.in_width(spec.n), spec.C)
+        self.norms = (nn.ModuleList(nn.BatchNorm1d(spec.H) for _ in range(spec.n))
+                      if batch_norm else None)
+
+    def weights(self) -> list[torch.Tensor]:
+        return [m.weight for m in self.layers] + [self.out.weight]
+
+    def biases(self) -> list[torch.Tensor]:
+        return [m.bias for m in self.layers] + [self.out.bias]
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        return (f"in_features={s.D}, out_features={s.C}, hidden_features={s.H}, "
+                f"num_layers={s.n}, num_splits={s.num_splits}, dropout={self.dropout}, "
+                f"backend={self.backend!r}")
+
+    def _check_input(self, x):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if not (x.is_floating_point()):
+            raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
+        if x.dim() != 2:
+            raise ValueError(f"x must have shape (batch, {self.spec.D}), got {tuple(x.shape)}")
+        if x.shape[1] != self.spec.D:
+            raise ValueError(f"x has {x.shape[1]} features, expected in_features={self.spec.D}")
+        w = self.out.weight
+        if x.device != w.device:
+            raise ValueError(f"x is on {x.device} but the head's parameters are on {w.device}")
+
+    def _folded_params(self):
+        """Weights and biases with eval-mode BatchNorm folded in (z*scale + shift)."""
+        ws, bs = self.weights(), self.biases()
+        if self.norms is None:
+            return ws, bs
+        ws, bs = list(ws), list(bs)
+        for i, bn in enumerate(self.norms):
+            scale = torch.rsqrt(bn.running_var + bn.eps)
+            if bn.weight is not None:
+                scale = scale * bn.weight
+            shift = -bn.running_mean * scale
+            if bn.bias is not None:
+                shift = shift + bn.bias
+            ws[i] = ws[i] * scale[:, None]
+            bs[i] = bs[i] * scale + shift
+        return ws, bs
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        backend = _backends.resolve(self.backend, x.device)
+        p = self.dropout if self.training else 0.0
+        if backend == "torch" or (self.norms is not None and self.training):
+            # The eager reference; training-mode BatchNorm couples the whole batch, so it always
+            # runs here (its statistics must be computed before any layer can continue).
+            if not torch.is_autocast_enabled(x.device.type) and x.dtype != self.out.weight.dtype:
+                raise TypeError(f"x has dtype {x.dtype} but the head's parameters are "
+                                f"{self.out.weight.dtype}; convert one, or use torch.autocast")
+            return reference_forward(self.spec, x, self.weights(), self.biases(), p,
+                                     norms=list(self.norms) if self.norms is not None else None)
+        ws, bs = self._folded_params()
+        return fused_head(self.spec, x, ws, bs, p, backend)
+
+
+def fused_head(spec: HeadSpec, x, weights, biases, dropout: float, backend: str):
+    """Run a fused backend's op, casting for autocast and choosing what to save for backward."""
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        dtype = torch.get_autocast_dtype(dev)
+        x = x.to(dtype)
+        weights = [w.to(dtype) for w in weights]
+        biases = [b.to(dtype) for b in biases]
+    else:
+        for name, t in (("weight", weights[-1]),):
+            if t.dtype != x.dtype:
+                raise TypeError(f"x has dtype {x.dtype} but the head's {name}s are {t.dtype}; "
+                                "convert one, or use torch.autocast")
+    op = getattr(torch.ops.spinalkern, f"{backend}_head_forward")
+    seed = new_seed(x.device) if dropout > 0.0 else None
+    needs_grad = torch.is_grad_enabled() and (
+        x.requires_grad or any(t.requires_grad for t in (*weights, *biases)))
+    y, _ = op(x.contiguous(), [w.contiguous() for w in weights],
+              [b.contiguous() for b in biases], seed, spec.kind_code, spec.num_splits,
+              dropout, needs_grad)
+    return y
+
+
+class SpinalHead(_Head):
+    """Sequential SpinalNet head (see ``spinalkern.spec``)."""
+
+    def __init__(self, in_features: int, out_features: int, hidden_features: int = 128,
+                 num_layers: int = 4, num_splits: int = 2, dropout: float = 0.0,
+                 batch_norm: bool = False, backend: str = "auto"):
+        for name, v in (("in_features", in_features), ("out_features", out_features),
+                        ("hidden_features", hidden_features), ("num_layers", num_layers),
+                        ("num_splits", num_splits)):
+            _check_size(name, v)
+        spec = HeadSpec("spinal", in_features, hidden_features, num_layers, out_features,
+                        num_splits)
+        super().__init__(spec, dropout, batch_norm, backend)
+
+
+class ProgressiveHead(_Head):
+    """ProgressiveSpinalNet head (see ``spinalkern.spec``)."""
+
+    def __init__(self, in_features: int, out_features: int, hidden_features: int = 128,
+                 num_layers: int = 4, dropout: float = 0.0, backend: str = "auto"):
+        for name, v in (("in_features", in_features), ("out_features", out_features),
+                        ("hidden_features", hidden_features), ("num_layers", num_layers)):
+            _check_size(name, v)
+        spec = HeadSpec("progressive", in_features, hidden_features, num_layers, out_features)
+        super().__init__(spec, dropout, False, backend)
