@@ -1,0 +1,285 @@
+// spinalkern CUDA extension: op schemas and the C++ CPU implementation.
+//
+// The ops (schemas identical to spinalkern/ops.py FORWARD_SCHEMA / BACKWARD_SCHEMA):
+//   spinalkern::cuda_head_forward(x, weights, biases, seed, kind, num_splits, dropout,
+//                                 save_hidden) -> (y, hidden)
+//   spinalkern::cuda_head_backward(grad_y, x, weights, hidden, seed, kind, num_splits,
+//                                  dropout) -> (grad_x, grad_params)
+//   spinalkern::cuda_keep_mask(seed, stream, rows, cols, p) -> bool mask (testing aid)
+// The CUDA implementations live in spinal_head_{forward,backward}.cu.  The CPU
+// implementation below is a second, independent implementation written row by row (it
+// materialises every layer input u_L), used on CPU tensors and as a cross-check.
+#ifdef SK_PYTHON_MODULE
+#include <Python.h>
+#endif
+
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <type_traits>
+#include <vector>
+
+#include "head_layout.h"
+#include "op_checks.h"
+
+namespace spinalkern {
+namespace {
+
+template <typename T>
+using cpu_acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+template <typename T>
+std::vector<const T*> data_ptrs(const std::vector<at::Tensor>& ts) {
+  std::vector<const T*> out;
+  for (const auto& t : ts) out.push_back(t.data_ptr<T>());
+  return out;
+}
+
+uint64_t seed_value(const HeadDims& d, const std::optional<at::Tensor>& seed) {
+  return d.dropout ? (uint64_t)seed->item<int64_t>() : 0;  // CPU tensor: no device sync
+}
+
+// u_L of one row, dropout applied, in the accumulation type.
+template <typename T, typename A>
+void build_input(const HeadDims& d, const LayerInfo& li, int row, uint64_t seed, const T* xrow,
+                 const A* hrow, A* u) {
+  const A scale = (A)d.scale;
+  for (int c = 0; c < li.K; ++c) {
+    const bool in_x = c < li.xw;
+    A v = in_x ? (A)xrow[li.xoff + c] : hrow[li.hoff + c - li.xw];
+    if (in_x ? li.drop_x : li.drop_h)
+      v = keep_element(seed, c, row, li.stream, d.threshold) ? v * scale : A(0);
+    u[c] = v;
+  }
+}
+
+template <typename T>
+void forward_cpu(const HeadDims& d, const T* x, const std::vector<const T*>& W,
+                 const std::vector<const T*>& bias, uint64_t seed, T* y, T* hidden) {
+  using A = cpu_acc_t<T>;
+  const int n = d.n, nH = d.n * d.H;
+  // W_L^T in the accumulation type, so the inner loop runs over contiguous outputs.
+  std::vector<std::vector<A>> Wt(n + 1), bs(n + 1);
+  int maxK = 0;
+  for (int L = 0; L <= n; ++L) {
+    const LayerInfo li = layer_info(d, L);
+    maxK = std::max(maxK, li.K);
+    Wt[L].resize((size_t)li.K * li.N);
+    for (int j = 0; j < li.N; ++j)
+      for (int k = 0; k < li.K; ++k) Wt[L][(size_t)k * li.N + j] = (A)W[L][(size_t)j * li.K + k];
+    bs[L].resize(li.N);
+    for (int j = 0; j < li.N; ++j) bs[L][j] = (A)bias[L][j];
+  }
+  at::parallel_for(0, d.B, 8, [&](int64_t r0, int64_t r1) {
+    std::vector<A> h(nH), u(maxK), z(std::max(d.H, d.C));
+    for (int64_t row = r0; row < r1; ++row) {
+      const T* xrow = x + row * d.D;
+      for (int L = 0; L <= n; ++L) {
+        const LayerInfo li = layer_info(d, L);
+        build_input<T, A>(d, li, (int)row, seed, xrow, h.data(), u.data());
+        std::copy(bs[L].begin(), bs[L].end(), z.begin());
+        for (int k = 0; k < li.K; ++k) {
+          const A uk = u[k];
+          const A* wk = &Wt[L][(size_t)k * li.N];
+          for (int j = 0; j < li.N; ++j) z[j] += uk * wk[j];
+        }
+        if (L < n) {
+          for (int j = 0; j < d.H; ++j) {
+            const A r = z[j] < A(0) ? A(0) : z[j];  // keeps NaN, like torch.relu
+            const T rt = (T)r;                        // h is stored in x's dtype
+            h[L * d.H + j] = (A)rt;
+            if (hidden) hidden[row * nH + L * d.H + j] = rt;
+          }
+        } else {
+          for (int j = 0; j < d.C; ++j) y[row * d.C + j] = (T)z[j];
+        }
+      }
+    }
+  });
+}
+
+template <typename T>
+void backward_cpu(const HeadDims& d, const T* gy, const T* x, const std::vector<const T*>& W,
+                  const T* hidden, uint64_t seed, T* gx, T* gparams) {
+  using A = cpu_acc_t<T>;
+  const int n = d.n, nH = d.n * d.H;
+  std::vector<LayerInfo> lis(n + 1);
+  std::vector<int64_t> uoff(n + 2, 0), zoff(n + 2, 0);
+  int maxK = 0;
+  for (int L = 0; L <= n; ++L) {
+    lis[L] = layer_info(d, L);
+    uoff[L + 1] = uoff[L] + lis[L].K;
+    zoff[L + 1] = zoff[L] + lis[L].N;
+    maxK = std::max(maxK, lis[L].K);
+  }
+  // Per row: every layer's dropped input u_L and output gradient dz_L (needed for dW).
+  std::vector<A> U((size_t)d.B * uoff[n + 1]), DZ((size_t)d.B * zoff[n + 1]);
+  at::parallel_for(0, d.B, 8, [&](int64_t r0, int64_t r1) {
+    std::vector<A> h(nH), dh(nH), gxa(d.D), du(maxK);
+    for (int64_t row = r0; row < r1; ++row) {
+      const T* xrow = x + row * d.D;
+      for (int j = 0; j < nH; ++j) h[j] = (A)hidden[row * nH + j];
+      std::fill(dh.begin(), dh.end(), A(0));
+      std::fill(gxa.begin(), gxa.end(), A(0));
+      A* urow = &U[(size_t)row * uoff[n + 1]];
+      A* zrow = &DZ[(size_t)row * zoff[n + 1]];
+      for (int L = 0; L <= n; ++L)
+        build_input<T, A>(d, lis[L], (int)row, seed, xrow, h.data(), urow + uoff[L]);
+      for (int L = n; L >= 0; --L) {
+        const LayerInfo& li = lis[L];
+        A* dz = zrow + zoff[L];
+        if (L == n) {
+          for (int j = 0; j < d.C; ++j) dz[j] = (A)gy[row * d.C + j];
+        } else {
+          // ReLU backward as torch: zero where the output is <= 0 (NaN passes the gradient)
+          for (int j = 0; j < d.H; ++j) dz[j] = h[L * d.H + j] <= A(0) ? A(0) : dh[L * d.H + j];
+        }
+        std::fill(du.begin(), du.begin() + li.K, A(0));
+        for (int j = 0; j < li.N; ++j) {
+          const A g = dz[j];
+          const T* wj = W[L] + (size_t)j * li.K;
+          for (int c = 0; c < li.K; ++c) du[c] += g * (A)wj[c];
+        }
+        const A scale = (A)d.scale;
+        for (int c = 0; c < li.K; ++c) {
+          const bool in_x = c < li.xw;
+          A v = du[c];
+          if (in_x ? li.drop_x : li.drop_h)
+            v = keep_element(seed, c, (int)row, li.stream, d.threshold) ? v * scale : A(0);
+          if (in_x) gxa[li.xoff + c] += v;
+          else dh[li.hoff + c - li.xw] += v;
+        }
+      }
+      for (int c = 0; c < d.D; ++c) gx[row * d.D + c] = (T)gxa[c];
+    }
+  });
+  // dW_L[j, :] = sum over rows (in order) of dz_L[row, j] * u_L[row, :]; one task per (L, j),
+  // so the result does not depend on the number of threads.
+  std::vector<std::pair<int, int>> tasks;
+  for (int L = 0; L <= n; ++L)
+    for (int j = 0; j < lis[L].N; ++j) tasks.emplace_back(L, j);
+  at::parallel_for(0, (int64_t)tasks.size(), 1, [&](int64_t t0, int64_t t1) {
+    std::vector<A> acc(maxK);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int L = tasks[t].first, j = tasks[t].second;
+      const LayerInfo& li = lis[L];
+      std::fill(acc.begin(), acc.begin() + li.K, A(0));
+      A db = 0;
+      for (int64_t row = 0; row < d.B; ++row) {
+        const A g = DZ[(size_t)row * zoff[n + 1] + zoff[L] + j];
+        const A* u = &U[(size_t)row * uoff[n + 1] + uoff[L]];
+        for (int c = 0; c < li.K; ++c) acc[c] += g * u[c];
+        db += g;
+      }
+      const int64_t woff = param_offset(d, L);
+      for (int c = 0; c < li.K; ++c) gparams[woff + (int64_t)j * li.K + c] = (T)acc[c];
+      gparams[woff + (int64_t)li.N * li.K + j] = (T)db;
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> head_forward_cpu(
+    const at::Tensor& x_, at::TensorList weights_, at::TensorList biases_,
+    const std::optional<at::Tensor>& seed, int64_t kind, int64_t num_splits, double dropout,
+    bool save_hidden) {
+  const char* op = "spinalkern::cuda_head_forward";
+  const HeadDims d = check_head_args(op, x_, weights_, seed, kind, num_splits, dropout);
+  check_biases(op, x_, weights_, biases_);
+  TORCH_CHECK_VALUE(x_.device().is_cpu(), op, ": the CPU implementation got x on ", x_.device());
+  const at::Tensor x = x_.contiguous();
+  const auto weights = contiguous_all(weights_);
+  const auto biases = contiguous_all(biases_);
+  at::Tensor y = at::empty({d.B, d.C}, x.options());
+  at::Tensor hidden = save_hidden ? at::empty({d.B, (int64_t)d.n * d.H}, x.options())
+                                  : at::empty({0}, x.options());
+  if (d.B == 0) return {y, hidden};
+  const uint64_t s = seed_value(d, seed);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "head_forward_cpu",
+                                  [&] {
+    forward_cpu<scalar_t>(d, x.data_ptr<scalar_t>(), data_ptrs<scalar_t>(weights),
+                          data_ptrs<scalar_t>(biases), s, y.data_ptr<scalar_t>(),
+                          save_hidden ? hidden.data_ptr<scalar_t>() : nullptr);
+  });
+  return {y, hidden};
+}
+
+std::tuple<at::Tensor, at::Tensor> head_backward_cpu(
+    const at::Tensor& grad_y_, const at::Tensor& x_, at::TensorList weights_,
+    const at::Tensor& hidden_, const std::optional<at::Tensor>& seed, int64_t kind,
+    int64_t num_splits, double dropout) {
+  const char* op = "spinalkern::cuda_head_backward";
+  const HeadDims d = check_head_args(op, x_, weights_, seed, kind, num_splits, dropout);
+  check_backward_tensors(op, d, x_, grad_y_, hidden_);
+  TORCH_CHECK_VALUE(x_.device().is_cpu(), op, ": the CPU implementation got x on ", x_.device());
+  const at::Tensor x = x_.contiguous(), grad_y = grad_y_.contiguous(),
+                   hidden = hidden_.contiguous();
+  const auto weights = contiguous_all(weights_);
+  at::Tensor grad_x = at::empty({d.B, d.D}, x.options());
+  at::Tensor grad_params = at::zeros({param_offset(d, d.n + 1)}, x.options());
+  if (d.B == 0) return {grad_x, grad_params};
+  const uint64_t s = seed_value(d, seed);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "head_backward_cpu",
+                                  [&] {
+    backward_cpu<scalar_t>(d, grad_y.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
+                           data_ptrs<scalar_t>(weights), hidden.data_ptr<scalar_t>(), s,
+                           grad_x.data_ptr<scalar_t>(), grad_params.data_ptr<scalar_t>());
+  });
+  return {grad_x, grad_params};
+}
+
+at::Tensor keep_mask_cpu(const at::Tensor& seed, int64_t stream, int64_t rows, int64_t cols,
+                         double p) {
+  const char* op = "spinalkern::cuda_keep_mask";
+  TORCH_CHECK_VALUE(seed.scalar_type() == at::kLong && seed.numel() == 1, op,
+                    ": seed must be a one-element int64 tensor");
+  TORCH_CHECK_VALUE(rows >= 0 && cols >= 0 && rows <= INT32_MAX && cols <= INT32_MAX, op,
+                    ": rows and cols must be in [0, 2^31)");
+  TORCH_CHECK_VALUE(p >= 0.0 && p < 1.0, op, ": p must be in [0, 1), got ", p);
+  at::Tensor out = at::empty({rows, cols}, seed.options().dtype(at::kBool));
+  const uint64_t s = (uint64_t)seed.item<int64_t>();
+  const uint32_t thr = keep_threshold(p);
+  bool* o = out.data_ptr<bool>();
+  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r)
+      for (int64_t c = 0; c < cols; ++c)
+        o[r * cols + c] = keep_element(s, (int)c, (int)r, (int)stream, thr);
+  });
+  return out;
+}
+
+}  // namespace
+}  // namespace spinalkern
+
+TORCH_LIBRARY_FRAGMENT(spinalkern, m) {
+  // A FRAGMENT: the Triton backend defines its ops in the same namespace from Python.
+  m.def("cuda_head_forward(Tensor x, Tensor[] weights, Tensor[] biases, Tensor? seed, int kind, "
+        "int num_splits, float dropout, bool save_hidden) -> (Tensor, Tensor)");
+  m.def("cuda_head_backward(Tensor grad_y, Tensor x, Tensor[] weights, Tensor hidden, "
+        "Tensor? seed, int kind, int num_splits, float dropout) -> (Tensor, Tensor)");
+  m.def("cuda_keep_mask(Tensor seed, int stream, int rows, int cols, float p) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(spinalkern, CPU, m) {
+  m.impl("cuda_head_forward", &spinalkern::head_forward_cpu);
+  m.impl("cuda_head_backward", &spinalkern::head_backward_cpu);
+  m.impl("cuda_keep_mask", &spinalkern::keep_mask_cpu);
+}
+
+#ifdef SK_PYTHON_MODULE
+// `import spinalkern._C` loads this library, which registers the ops above.
+static struct PyModuleDef sk_module = {PyModuleDef_HEAD_INIT, "_C",
+                                       "spinalkern CUDA/C++ extension (ops in torch.ops.spinalkern)",
+                                       -1, nullptr};
+PyMODINIT_FUNC PyInit__C(void) {
+  PyObject* m = PyModule_Create(&sk_module);
+  if (m != nullptr) {
+#ifdef SK_WITH_CUDA
+    PyModule_AddIntConstant(m, "WITH_CUDA", 1);
+#else
+    PyModule_AddIntConstant(m, "WITH_CUDA", 0);
+#endif
+  }
+  return m;
+}
+#endif
