@@ -1,0 +1,236 @@
+"""Training on CPU: a real short MNIST run, exact resume, several seeds / folds, errors."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from models import optim as O
+from models.checkpoint import CheckpointError
+from models.train import ConfigError, main, parse_args, run_all
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.environ.get("SPINALKERN_DATA", os.path.join(REPO, "..", "shared", "data"))
+needs_mnist = pytest.mark.skipif(not os.path.isdir(os.path.join(SHARED, "mnist")),
+                                 reason="shared MNIST not found")
+CPU = ["--device", "cpu", "--threads", "1", "--data-root", SHARED, "--progress", "off"]
+
+
+@pytest.fixture(autouse=True)
+def _keep_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def _run(tmp_path, *args):
+    return run_all(parse_args([*CPU, "--out", str(tmp_path), *args]))
+
+
+@needs_mnist
+def test_real_mnist_run_learns(tmp_path):
+    """The paper's small CNN on 4000 real MNIST images: far better than chance (10 %)."""
+    summary = _run(tmp_path, "--model", "cnn", "--data", "mnist", "--epochs", "3",
+                   "--batch-size", "64", "--train-subset", "4000", "--test-subset", "2000",
+                   "--no-augment")
+    assert summary["test_accuracy"] >= 80.0, summary["accuracy_per_epoch"]
+    on_disk = json.loads((tmp_path / "summary.json").read_text())
+    for key in ("test_accuracy", "images_per_s", "params", "epochs", "epoch_times_s",
+                "peak_gpu_memory_bytes", "config", "git_commit",
+                "best_test_accuracy_test_selected"):
+        assert key in on_disk
+    assert on_disk["params"] == 21_840 and on_disk["epochs"] == 3
+    assert on_disk["test_accuracy"] == summary["test_accuracy"]
+    assert on_disk["images_per_s"] > 0 and len(on_disk["epoch_times_s"]) == 3
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(l)["epoch"] for l in lines] == [1, 2, 3]
+    assert (tmp_path / "curves.png").stat().st_size > 1000
+    assert (tmp_path / "checkpoint.pt").exists()
+
+
+@needs_mnist
+def test_resume_is_bitwise_exact(tmp_path):
+    """Stopped mid-epoch and resumed == uninterrupted: same weights, same accuracy.
+
+    Augmentation and dropout (spinalkern's head and the CNN's Dropout2d) are on, so the
+    random number generators must be restored exactly too."""
+    args = ["--model", "spinal-cnn-8", "--head-dropout", "0.2", "--backend", "torch",
+            "--data", "mnist", "--epochs", "2", "--batch-size", "50", "--train-subset", "1000",
+            "--test-subset", "500", "--no-plot", "--schedule", "cosine"]
+    full = _run(tmp_path / "a", *args)
+    assert _run(tmp_path / "b", *args, "--stop-after-steps", "27") is None  # epoch 2, step 7
+    with pytest.raises(CheckpointError, match="--resume"):
+        _run(tmp_path / "b", *args)
+    resumed = _run(tmp_path / "b", *args, "--resume")
+    a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)
+    b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)
+    assert a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert full["test_accuracy"] == resumed["test_accuracy"]
+    assert full["accuracy_per_epoch"] == resumed["accuracy_per_epoch"]
+    hist_a = [json.loads(l) for l in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    hist_b = [json.loads(l) for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    for ha, hb in zip(hist_a, hist_b):
+        assert ha["train_loss"] == hb["train_loss"] and ha["eval_loss"] == hb["eval_loss"]
+    assert hist_b[1]["resumed_mid_epoch"] is True
+    # A checkpoint from another configuration is refused, naming the difference.
+    with pytest.raises(CheckpointError, match="batch_size: checkpoint has 50, this run has 25"):
+        _run(tmp_path / "b", *[a if a != "50" else "25" for a in args], "--resume")
+
+
+@needs_mnist
+def test_seeds_and_folds(tmp_path):
+    s = _run(tmp_path, "--model", "cnn-fc", "--data", "mnist", "--epochs", "1", "--batch-size",
+             "50", "--train-subset", "300", "--test-subset", "200", "--no-augment",
+             "--seeds", "1", "2", "--folds", "2", "--no-plot")
+    assert s["runs"] == 4 and len(s["val_accuracy_per_run"]) == 4
+    assert s["val_accuracy_std"] >= 0 and 0 <= s["test_accuracy"] <= 100
+    for label in ("seed1-fold0", "seed1-fold1", "seed2-fold0", "seed2-fold1"):
+        sub = json.loads((tmp_path / label / "summary.json").read_text())
+        assert sub["train_images"] == 150 and sub["eval_images"] == 150
+    assert json.loads((tmp_path / "summary.json").read_text())["runs"] == 4
+
+
+@needs_mnist
+def test_sgd_step_schedule_label_smoothing_augment(tmp_path):
+    s = _run(tmp_path, "--model", "progressive-cnn", "--backend", "torch", "--data", "mnist",
+             "--epochs", "2", "--batch-size", "50", "--train-subset", "200", "--test-subset",
+             "100", "--optimizer", "sgd", "--lr", "0.05", "--schedule", "step", "--milestones",
+             "1", "--label-smoothing", "0.1", "--hflip", "0.1")
+    lrs = [json.loads(l)["lr"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert lrs[0] == pytest.approx(0.05) and lrs[1] == pytest.approx(0.005)
+    assert s["epochs"] == 2
+
+
+@needs_mnist
+def test_cpu_bf16_autocast_and_checkpoint_interval(tmp_path):
+    s = _run(tmp_path, "--model", "spinal-cnn-10", "--backend", "torch", "--data", "mnist",
+             "--epochs", "2", "--batch-size", "32", "--train-subset", "256", "--test-subset",
+             "100", "--amp", "bf16", "--checkpoint-every-epochs", "0", "--no-plot")
+    assert s["amp"] == "bf16" and s["epochs"] == 2 and s["params"] == 16_050
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert state["epoch"] == 2          # the final checkpoint is always written
+
+
+def test_atomic_save_keeps_the_old_checkpoint(tmp_path, monkeypatch):
+    from models import checkpoint as C
+
+    path = tmp_path / "checkpoint.pt"
+    C.atomic_save({"v": 1}, str(path))
+
+    def broken_save(obj, f):
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt("killed while writing")
+
+    monkeypatch.setattr(C.torch, "save", broken_save)
+    with pytest.raises(KeyboardInterrupt):
+        C.atomic_save({"v": 2}, str(path))
+    monkeypatch.undo()
+    assert torch.load(path)["v"] == 1
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint.pt"]
+    with pytest.raises(CheckpointError, match="cannot read"):
+        (tmp_path / "bad.pt").write_bytes(b"garbage")
+        C.load_checkpoint(str(tmp_path / "bad.pt"), {})
+
+
+def test_lr_schedules():
+    spe, total = 100, 2500  # 25 epochs
+    f = lambda step, sched, **kw: O.lr_at(step, total, spe, 1e-3, sched, **kw)  # noqa: E731
+    assert f(0, "const") == 1e-3 and f(2499, "const") == 1e-3
+    assert f(1499, "step", milestones=[15]) == pytest.approx(1e-3)
+    assert f(1500, "step", milestones=[15]) == pytest.approx(1e-4)     # x0.1 at epoch 15
+    assert f(0, "cosine") == pytest.approx(1e-3) and f(1250, "cosine") == pytest.approx(5e-4)
+    assert f(2500, "cosine") == pytest.approx(0.0, abs=1e-12)
+    assert f(0, "onecycle") == pytest.approx(4e-5) and f(750, "onecycle") == pytest.approx(1e-3)
+    assert f(2500, "onecycle") < 1e-8
+    assert f(0, "const", warmup_steps=10) == pytest.approx(1e-4)
+    with pytest.raises(ValueError):
+        f(0, "exp")
+
+
+def test_set_lr_in_place_for_tensor_lr():
+    p = torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.SGD([p], lr=torch.tensor(0.1))
+    t = opt.param_groups[0]["lr"]
+    O.set_lr(opt, 0.5)
+    assert opt.param_groups[0]["lr"] is t and float(t) == 0.5     # same tensor: graph-safe
+    opt2 = torch.optim.SGD([p], lr=0.1)
+    O.set_lr(opt2, 0.2)
+    assert opt2.param_groups[0]["lr"] == 0.2
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--model", "alexnet"], "unknown model"),
+    (["--data", "cifar10"], "unknown data set"),
+    (["--epochs", "0"], "--epochs"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--folds", "1"], "--folds"),
+    (["--model", "spinal-vgg5", "--head-splits", "3"], "cannot be split"),
+    (["--amp", "fp16"], "fp16 needs CUDA"),
+    (["--cuda-graph", "on"], "needs --device cuda"),
+    (["--rotation", "-5"], "rotation"),
+])
+def test_config_errors(tmp_path, args, match):
+    with pytest.raises(ConfigError, match=match):
+        _run(tmp_path, *args)
+
+
+@needs_mnist
+def test_impossible_sizes_and_exit_code(tmp_path, capsys):
+    with pytest.raises(ConfigError, match="larger than the 100 training images"):
+        _run(tmp_path, "--train-subset", "100", "--batch-size", "128")
+    with pytest.raises(ConfigError, match="--train-subset 70000 is impossible"):
+        _run(tmp_path, "--train-subset", "70000")
+    rc = main([*CPU, "--out", str(tmp_path), "--data", "kmnist"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "kmnist" in err and "KMNIST/raw" in err and "train-images-idx3-ubyte" in err
+
+
+def test_batch_must_split_over_processes(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="not divisible by the 2 processes"):
+        _run(tmp_path, "--batch-size", "63")
+
+
+# -- GPU paths (run where CUDA is available) ----------------------------------------------------
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@gpu
+@needs_mnist
+@pytest.mark.parametrize("amp,opt", [("bf16", "adam"), ("fp16", "adamw"), ("off", "sgd")])
+def test_cuda_graph_training(tmp_path, amp, opt):
+    s = _run(tmp_path, "--device", "cuda", "--model", "spinal-vgg5", "--data", "mnist",
+             "--epochs", "2", "--batch-size", "128", "--train-subset", "4096", "--test-subset",
+             "2000", "--amp", amp, "--optimizer", opt, "--lr", "0.01" if opt == "sgd" else "1e-3",
+             "--cuda-graph", "on", "--schedule", "onecycle")
+    assert s["cuda_graph"]["used"], s["cuda_graph"]
+    assert s["test_accuracy"] > 80.0
+    assert s["peak_gpu_memory_bytes"] > 0 and s["channels_last"] is True
+
+
+@gpu
+@needs_mnist
+def test_cuda_graph_matches_eager_roughly_and_resumes(tmp_path):
+    args = ["--device", "cuda", "--model", "spinal-resnet18", "--data", "mnist", "--epochs",
+            "2", "--batch-size", "256", "--train-subset", "4096", "--test-subset", "1000",
+            "--no-plot"]
+    g = _run(tmp_path / "graph", *args, "--cuda-graph", "on")
+    e = _run(tmp_path / "eager", *args, "--cuda-graph", "off")
+    assert g["cuda_graph"]["used"] and not e["cuda_graph"]["used"]
+    assert g["test_accuracy"] > 90 and e["test_accuracy"] > 90
+    assert _run(tmp_path / "r", *args, "--stop-after-steps", "20") is None
+    r = _run(tmp_path / "r", *args, "--resume")
+    assert r["epochs"] == 2 and r["test_accuracy"] > 90
+
+
+@gpu
+@needs_mnist
+def test_cuda_compile(tmp_path):
+    s = _run(tmp_path, "--device", "cuda", "--model", "spinal-cnn-8", "--data", "mnist",
+             "--epochs", "1", "--batch-size", "256", "--train-subset", "8192", "--compile")
+    assert s["test_accuracy"] > 50
