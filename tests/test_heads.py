@@ -1,0 +1,552 @@
+"""Every fused backend against the float64 reference, through the ops and through the modules.
+
+Parametrised over the fused backends present: "triton" always (CPU: Triton's interpreter),
+"cuda" when the extension is built (CPU: its C++ implementation).  Inputs are fresh random
+tensors on every check; outputs are poisoned (NaN-filled) before the kernels run.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import spinalkern
+from spinalkern import ProgressiveHead, SpinalHead
+from spinalkern.ops import split_grad_params
+from spinalkern.reference import reference_forward
+from spinalkern.spec import HeadSpec
+from spinalkern.testing import (ERROR_FLOOR, GRAD_ERROR_FLOOR, poisoned_outputs, random_params,
+                                rel_err)
+
+from conftest import HAS_CUDA, TRITON_DEVICE, requires_cuda
+
+
+def _fused_backends():
+    out = ["triton"]
+    from spinalkern import cuda_backend
+    if cuda_backend.available():
+        out.append("cuda")
+    return out
+
+
+FUSED = _fused_backends()
+
+
+def backend_device(backend: str) -> str:
+    return TRITON_DEVICE if backend == "triton" else ("cuda" if HAS_CUDA else "cpu")
+
+
+def op(backend, name="forward"):
+    return getattr(torch.ops.spinalkern, f"{backend}_head_{name}")
+
+
+# A covering grid of the issue's sizes: every batch (1, 37, 1000), H (8, 10, 64, 128),
+# n (1, 2, 4, 6), S (1, 2, 4) and C (10, 26, 62) appears, with D never a multiple of 16.
+# (kind, B, D, H, n, S, C)
+CASES = [
+    ("spinal", 1, 74, 8, 1, 2, 10),
+    ("spinal", 37, 37, 10, 2, 1, 26),
+    ("spinal", 1000, 148, 64, 4, 4, 62),
+    ("spinal", 37, 90, 128, 6, 2, 10),
+    ("spinal", 1000, 53, 10, 6, 1, 62),
+    ("spinal", 37, 52, 8, 4, 4, 26),
+    ("progressive", 1, 37, 8, 1, 1, 10),
+    ("progressive", 37, 53, 10, 2, 1, 26),
+    ("progressive", 1000, 45, 64, 4, 1, 62),
+    ("progressive", 37, 90, 128, 6, 1, 26),
+    ("progressive", 1000, 37, 10, 6, 1, 10),
+]
+CASE_IDS = [f"{k[:4]}-B{B}-D{D}-H{H}-n{n}-S{S}-C{C}" for k, B, D, H, n, S, C in CASES]
+
+
+def make_inputs(spec: HeadSpec, B: int, dtype, device):
+    x = torch.randn(B, spec.D, dtype=torch.float64).to(device=device, dtype=dtype)
+    ws, bs = random_params(spec, dtype, device)
+    return x, ws, bs
+
+
+def run_fused(backend, spec, x, ws, bs, dropout=0.0, seed=None, grad_y=None):
+    """Forward (and backward if grad_y) through the op's autograd; returns y, hidden, grads."""
+    leaves = [t.detach().clone().requires_grad_() for t in (x, *ws, *bs)]
+    xl, wl, bl = leaves[0], leaves[1:1 + len(ws)], leaves[1 + len(ws):]
+    with poisoned_outputs():
+        y, hidden = op(backend)(xl, wl, bl, seed, spec.kind_code, spec.num_splits, dropout, True)
+        if grad_y is None:
+            return y, hidden, None
+        y.backward(grad_y)
+    return y, hidden, [t.grad for t in leaves]
+
+
+def run_reference(spec, x, ws, bs, dropout=0.0, seed=None, grad_y=None):
+    leaves = [t.detach().double().cpu().requires_grad_() for t in (x, *ws, *bs)]
+    xl, wl, bl = leaves[0], leaves[1:1 + len(ws)], leaves[1 + len(ws):]
+    y, hidden = reference_forward(spec, xl, wl, bl, dropout, seed.cpu() if seed is not None
+                                  else None, return_hidden=True)
+    y.backward(grad_y.detach().double().cpu())
+    return y, hidden, [t.grad for t in leaves]
+
+
+def torch_at_precision(spec, x, ws, bs, dropout, seed, grad_y):
+    """torch eager (the reference formulas) at the inputs' own precision, on CPU: the
+    yardstick for the error bounds.  Returns y and all gradients."""
+    leaves = [t.detach().cpu().requires_grad_() for t in (x, *ws, *bs)]
+    n1 = len(ws)
+    y = reference_forward(spec, leaves[0], leaves[1:1 + n1], leaves[1 + n1:], dropout,
+                          seed.cpu() if seed is not None else None)
+    y.backward(grad_y.cpu())
+    return y, [t.grad for t in leaves]
+
+
+def check_all(spec, fused, ref, yard, dtype):
+    """Compare y and every gradient: error <= max(2 x torch's error, per-dtype floor)."""
+    (y, grads), (y_ref, g_ref), (y_t, g_t) = fused, ref, yard
+    check("y", y, y_ref, dtype, rel_err(y_t, y_ref))
+    names = ["x"] + [f"W{i}" for i in range(spec.n + 1)] + [f"b{i}" for i in range(spec.n + 1)]
+    for name, got, want, t in zip(names, grads, g_ref, g_t):
+        check(f"grad {name}", got, want, dtype, rel_err(t, want), GRAD_ERROR_FLOOR)
+
+
+def check(name, out, ref, dtype, torch_err=0.0, floors=ERROR_FLOOR):
+    bound = max(2 * torch_err, floors[dtype])
+    err = rel_err(out, ref)
+    assert err <= bound, f"{name}: relative error {err:.3g} > bound {bound:.3g}"
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("dropout", [0.0, 0.25])
+def test_forward_and_all_gradients_fp32(backend, case, dropout):
+    kind, B, D, H, n, S, C = case
+    spec = HeadSpec(kind, D, H, n, C, S)
+    device = backend_device(backend)
+    x, ws, bs = make_inputs(spec, B, torch.float32, device)
+    seed = spinalkern.rng.new_seed(device) if dropout else None
+    g = torch.randn(B, C, dtype=torch.float32, device=device)
+    y, hidden, grads = run_fused(backend, spec, x, ws, bs, dropout, seed, g)
+    y_ref, h_ref, g_ref = run_reference(spec, x, ws, bs, dropout, seed, g)
+    check("hidden", hidden, h_ref, torch.float32)
+    check_all(spec, (y, grads), (y_ref, g_ref),
+              torch_at_precision(spec, x, ws, bs, dropout, seed, g), torch.float32)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("case", [CASES[2], CASES[3], CASES[8]], ids=[CASE_IDS[i] for i in (2, 3, 8)])
+def test_half_precision(backend, dtype, case):
+    kind, B, D, H, n, S, C = case
+    spec = HeadSpec(kind, D, H, n, C, S)
+    device = backend_device(backend)
+    x, ws, bs = make_inputs(spec, B, dtype, device)
+    g = torch.randn(B, C, device=device).to(dtype)
+    y, hidden, grads = run_fused(backend, spec, x, ws, bs, 0.0, None, g)
+    assert y.dtype == dtype and grads[0].dtype == dtype
+    y_ref, _, g_ref = run_reference(spec, x, ws, bs, 0.0, None, g)
+    check_all(spec, (y, grads), (y_ref, g_ref),
+              torch_at_precision(spec, x, ws, bs, 0.0, None, g), dtype)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_nan_propagates_like_reference(backend):
+    spec = HeadSpec("spinal", 74, 10, 3, 26, 2)
+    device = backend_device(backend)
+    x, ws, bs = make_inputs(spec, 37, torch.float32, device)
+    x[5, 3] = float("nan")      # segment 0: reaches every layer through the chain
+    x[11, 40] = float("nan")    # segment 1
+    y, _, _ = run_fused(backend, spec, x, ws, bs)
+    y_ref = reference_forward(spec, x.double().cpu(), [w.double().cpu() for w in ws],
+                              [b.double().cpu() for b in bs])
+    assert torch.equal(torch.isnan(y.cpu()), torch.isnan(y_ref))
+    assert torch.isnan(y_ref).any() and not torch.isnan(y_ref[0]).any()
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("kind", ["spinal", "progressive"])
+def test_gradients_bitwise_deterministic(backend, kind):
+    spec = HeadSpec(kind, 90, 64, 4, 26, 2 if kind == "spinal" else 1)
+    device = backend_device(backend)
+    x, ws, bs = make_inputs(spec, 1000, torch.float32, device)
+    seed = spinalkern.rng.new_seed(device)
+    g = torch.randn(1000, 26, device=device)
+    first = run_fused(backend, spec, x, ws, bs, 0.3, seed, g)[2]
+    second = run_fused(backend, spec, x, ws, bs, 0.3, seed, g)[2]
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("kind", ["spinal", "progressive"])
+def test_gradcheck_float64_through_op(backend, kind):
+    spec = HeadSpec(kind, 6, 4, 2, 3, 2 if kind == "spinal" else 1)
+    device = backend_device(backend)
+    x, ws, bs = make_inputs(spec, 3, torch.float64, device)
+    seed = torch.tensor([987654321], dtype=torch.int64, device=device)
+    f = op(backend)
+
+    def fn(x, *params):
+        n = len(params) // 2
+        return f(x, list(params[:n]), list(params[n:]), seed, spec.kind_code,
+                 spec.num_splits, 0.3, True)[0]
+
+    inputs = [t.requires_grad_() for t in (x, *ws, *bs)]
+    assert torch.autograd.gradcheck(fn, inputs, fast_mode=True)
+
+
+@pytest.mark.parametrize("kind", ["spinal", "progressive"])
+def test_gradcheck_float64_reference(kind):
+    spec = HeadSpec(kind, 6, 4, 3, 3, 2 if kind == "spinal" else 1)
+    x, ws, bs = make_inputs(spec, 4, torch.float64, "cpu")
+
+    def fn(x, *params):
+        n = len(params) // 2
+        return reference_forward(spec, x, list(params[:n]), list(params[n:]), 0.3, seed=1234)
+
+    assert torch.autograd.gradcheck(fn, [t.requires_grad_() for t in (x, *ws, *bs)])
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("kind", ["spinal", "progressive"])
+def test_opcheck(backend, kind):
+    spec = HeadSpec(kind, 20, 8, 2, 5, 2 if kind == "spinal" else 1)
+    device = backend_device(backend)
+    x, ws, bs = make_inputs(spec, 7, torch.float32, device)
+    seed = spinalkern.rng.new_seed(device)
+    args = (x.requires_grad_(), [w.requires_grad_() for w in ws],
+            [b.requires_grad_() for b in bs], seed, spec.kind_code, spec.num_splits, 0.2, True)
+    torch.library.opcheck(op(backend), args)
+    y, hidden = op(backend)(*args)
+    g = torch.randn_like(y)
+    torch.library.opcheck(op(backend, "backward"),
+                          (g, x.detach(), [w.detach() for w in ws], hidden.detach(), seed,
+                           spec.kind_code, spec.num_splits, 0.2))
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_torch_compile_fullgraph(backend):
+    torch._dynamo.reset()
+    device = backend_device(backend)
+    head = SpinalHead(40, 10, 16, 3, 2, dropout=0.0, backend=backend).to(device)
+    x = torch.randn(9, 40, device=device, requires_grad=True)
+    compiled = torch.compile(head, fullgraph=True)
+    y = compiled(x)
+    y.square().sum().backward()
+    gx = x.grad.clone()
+    x.grad = None
+    ref = head(x)
+    ref.square().sum().backward()
+    assert rel_err(y, ref) < 1e-5 and rel_err(gx, x.grad) < 1e-5
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_dropout_mask_matches_reference_and_changes_per_call(backend):
+    spec = HeadSpec("progressive", 45, 16, 2, 10)
+    device = backend_device(backend)
+    head = ProgressiveHead(45, 10, 16, 2, dropout=0.5, backend=backend).to(device).train()
+    x = torch.randn(64, 45, device=device)
+    torch.manual_seed(7)
+    y1 = head(x)
+    torch.manual_seed(7)
+    seed = spinalkern.rng.new_seed(device)  # the same draw the module made
+    y_ref = reference_forward(spec, x.double().cpu(), [w.double().cpu() for w in head.weights()],
+                              [b.double().cpu() for b in head.biases()], 0.5, seed.cpu())
+    assert rel_err(y1, y_ref) < 1e-5
+    assert rel_err(head(x), y1) > 1e-2          # a new mask on the next call
+    head.eval()
+    assert rel_err(head(x), reference_forward(spec, x, head.weights(), head.biases())) < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------
+# Modules
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", FUSED)
+def test_module_matches_torch_backend(backend):
+    device = backend_device(backend)
+    for make in (lambda b: SpinalHead(74, 26, 32, 4, 2, backend=b),
+                 lambda b: ProgressiveHead(37, 26, 32, 3, backend=b)):
+        head_t = make("torch").to(device)
+        head_f = make(backend).to(device)
+        head_f.load_state_dict(head_t.state_dict())
+        x = torch.randn(50, head_t.spec.D, device=device, requires_grad=True)
+        y_t = head_t(x)
+        g = torch.randn_like(y_t)
+        (gx_t, *gp_t) = torch.autograd.grad(y_t, [x, *head_t.parameters()], g)
+        y_f = head_f(x)
+        (gx_f, *gp_f) = torch.autograd.grad(y_f, [x, *head_f.parameters()], g)
+        assert rel_err(y_f, y_t) < 1e-5 and rel_err(gx_f, gx_t) < 1e-5
+        for a, b in zip(gp_f, gp_t):
+            assert rel_err(a, b) < 1e-5
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_batchnorm_eval_is_folded_and_training_uses_reference(backend):
+    device = backend_device(backend)
+    head = SpinalHead(64, 10, 16, 4, 2, dropout=0.0, batch_norm=True, backend=backend).to(device)
+    for bn in head.norms:  # non-trivial running statistics and affine parameters
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.data.uniform_(0.5, 1.5)
+        bn.bias.data.uniform_(-0.2, 0.2)
+    x = torch.randn(33, 64, device=device)
+    head.eval()
+    y = head(x)
+    y_ref = reference_forward(head.spec, x, head.weights(), head.biases(),
+                              norms=list(head.norms))
+    assert rel_err(y, y_ref) < 1e-5
+    head.train()
+    before = head.norms[0].running_mean.clone()
+    head(x)
+    assert not torch.equal(before, head.norms[0].running_mean)  # batch statistics were used
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_autocast_bf16(backend):
+    device = backend_device(backend)
+    head = SpinalHead(74, 26, 32, 4, 2, backend=backend).to(device)
+    x = torch.randn(40, 74, device=device)
+    with torch.autocast(device_type=device, dtype=torch.bfloat16):
+        y = head(x)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert head.layers[0].weight.grad.dtype == torch.float32
+    y_ref = reference_forward(head.spec, x.double(), [w.double() for w in head.weights()],
+                              [b.double() for b in head.biases()])
+    assert rel_err(y, y_ref) < ERROR_FLOOR[torch.bfloat16]
+
+
+def test_zero_batch():
+    for backend in FUSED:
+        device = backend_device(backend)
+        head = SpinalHead(20, 5, 8, 2, 2, backend=backend).to(device)
+        x = torch.randn(0, 20, device=device, requires_grad=True)
+        y = head(x)
+        assert y.shape == (0, 5)
+        y.sum().backward()
+        assert x.grad.shape == (0, 20)
+
+
+@pytest.mark.parametrize("backend", ["torch"] + FUSED)
+def test_non_contiguous_input(backend):
+    device = backend_device(backend) if backend != "torch" else "cpu"
+    head = ProgressiveHead(30, 7, 16, 2, backend=backend).to(device)
+    base = torch.randn(30, 50, device=device)
+    x = base.t()[:, :30]  # (50, 30), not contiguous
+    assert not x.is_contiguous()
+    assert rel_err(head(x), head(x.contiguous())) == 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["torch"] + FUSED)
+def test_bad_input_errors_name_the_problem(backend):
+    device = backend_device(backend) if backend != "torch" else "cpu"
+    head = SpinalHead(20, 5, 8, 2, 2, backend=backend).to(device)
+    with pytest.raises(ValueError, match="x must have shape"):
+        head(torch.randn(4, 20, 1, device=device))
+    with pytest.raises(ValueError, match="in_features=20"):
+        head(torch.randn(4, 21, device=device))
+    with pytest.raises(TypeError, match="floating-point"):
+        head(torch.ones(4, 20, dtype=torch.int64, device=device))
+    with pytest.raises(TypeError, match="dtype"):
+        head(torch.randn(4, 20, dtype=torch.float64, device=device))
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        head([[0.0] * 20])
+
+
+def test_bad_construction_errors():
+    with pytest.raises(ValueError, match="divisible by num_splits"):
+        SpinalHead(21, 5, num_splits=2)
+    for kw in ("in_features", "out_features", "hidden_features", "num_layers"):
+        args = dict(in_features=20, out_features=5, hidden_features=8, num_layers=2)
+        args[kw] = 0
+        with pytest.raises(ValueError, match=kw):
+            SpinalHead(**args)
+    with pytest.raises(ValueError, match="num_splits"):
+        SpinalHead(20, 5, num_splits=-1)
+    with pytest.raises(TypeError, match="hidden_features"):
+        ProgressiveHead(20, 5, hidden_features=8.0)
+    with pytest.raises(ValueError, match="dropout"):
+        SpinalHead(20, 5, dropout=1.0)
+    with pytest.raises(ValueError, match="backend"):
+        SpinalHead(20, 5, backend="cudnn")
+
+
+def test_op_rejects_bad_arguments():
+    spec = HeadSpec("spinal", 20, 8, 2, 5, 2)
+    x, ws, bs = make_inputs(spec, 3, torch.float32, TRITON_DEVICE)
+    f = op("triton")
+    with pytest.raises(ValueError, match=r"weights\[1\]"):
+        f(x, [ws[0], ws[0], ws[2]], bs, None, 0, 2, 0.0, True)
+    with pytest.raises(TypeError, match=r"weights\[0\]"):
+        f(x, [ws[0].double()] + ws[1:], bs, None, 0, 2, 0.0, True)
+    with pytest.raises(ValueError, match="seed"):
+        f(x, ws, bs, None, 0, 2, 0.5, True)
+    with pytest.raises(ValueError, match="divisible"):
+        f(x, ws, bs, None, 0, 3, 0.0, True)
+    with pytest.raises(ValueError, match="dropout"):
+        f(x, ws, bs, None, 0, 2, 1.5, True)
+    if HAS_CUDA:
+        with pytest.raises(ValueError, match="is on"):
+            f(x, [ws[0].cpu()] + ws[1:], bs, None, 0, 2, 0.0, True)
+
+
+def test_cuda_backend_missing_says_how_to_build():
+    from spinalkern import cuda_backend
+    if cuda_backend.available():
+        pytest.skip("the extension is built here; the error path is for installs without it")
+    head = SpinalHead(20, 5, 8, 2, 2, backend="cuda")
+    with pytest.raises(RuntimeError, match="build_ext"):
+        head(torch.randn(2, 20))
+
+
+# ---------------------------------------------------------------------------------------------
+# Original-script weights
+# ---------------------------------------------------------------------------------------------
+class _OriginalSpinalVGGHead(torch.nn.Module):
+    """The layer structure of the original SpinalNet VGG-5 head (names as in its scripts)."""
+
+    def __init__(self, half=128, width=64, classes=10):
+        super().__init__()
+        nn = torch.nn
+
+        def block(k):
+            return nn.Sequential(nn.Dropout(0.5), nn.Linear(k, width), nn.BatchNorm1d(width),
+                                 nn.ReLU(inplace=True))
+        self.half = half
+        self.fc_spinal_layer1 = block(half)
+        self.fc_spinal_layer2 = block(half + width)
+        self.fc_spinal_layer3 = block(half + width)
+        self.fc_spinal_layer4 = block(half + width)
+        self.fc_out = nn.Sequential(nn.Dropout(0.5), nn.Linear(width * 4, classes))
+
+    def forward(self, x):
+        h = self.half
+        x1 = self.fc_spinal_layer1(x[:, 0:h])
+        x2 = self.fc_spinal_layer2(torch.cat([x[:, h:2 * h], x1], dim=1))
+        x3 = self.fc_spinal_layer3(torch.cat([x[:, 0:h], x2], dim=1))
+        x4 = self.fc_spinal_layer4(torch.cat([x[:, h:2 * h], x3], dim=1))
+        return self.fc_out(torch.cat([x1, x2, x3, x4], dim=1))
+
+
+def test_load_original_spinalnet_weights():
+    orig = _OriginalSpinalVGGHead()
+    for m in orig.modules():
+        if isinstance(m, torch.nn.BatchNorm1d):
+            m.running_mean.uniform_(-0.3, 0.3)
+            m.running_var.uniform_(0.5, 1.5)
+    orig.eval()
+    sd = {f"model.{k}": v for k, v in orig.state_dict().items()}  # prefixed, as in a full net
+    head = SpinalHead(256, 10, 64, 4, 2, dropout=0.5, batch_norm=True, backend="torch").eval()
+    spinalkern.load_original_state_dict(head, sd)
+    x = torch.randn(16, 256)
+    assert rel_err(head(x), orig(x)) < 1e-6
+    with pytest.raises(ValueError, match="batch_norm=False"):
+        spinalkern.load_original_state_dict(SpinalHead(256, 10, 64, 4, 2), sd)
+    with pytest.raises(ValueError, match="fc_spinal_layer1..6"):
+        spinalkern.load_original_state_dict(SpinalHead(256, 10, 64, 6, 2, batch_norm=True), sd)
+
+
+# ---------------------------------------------------------------------------------------------
+# Property-based: random shapes
+# ---------------------------------------------------------------------------------------------
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=12, deadline=None)
+@given(kind=st.sampled_from(["spinal", "progressive"]), B=st.integers(1, 70),
+       seg=st.integers(1, 40), H=st.integers(1, 40), n=st.integers(1, 5),
+       S=st.integers(1, 3), C=st.integers(1, 40), dropout=st.sampled_from([0.0, 0.4]))
+def test_property_random_shapes(kind, B, seg, H, n, S, C, dropout):
+    S = S if kind == "spinal" else 1
+    spec = HeadSpec(kind, seg * S, H, n, C, S)
+    for backend in FUSED:
+        device = backend_device(backend)
+        x, ws, bs = make_inputs(spec, B, torch.float32, device)
+        seed = spinalkern.rng.new_seed(device)
+        g = torch.randn(B, C, device=device)
+        y, _, grads = run_fused(backend, spec, x, ws, bs, dropout, seed, g)
+        y_ref, _, g_ref = run_reference(spec, x, ws, bs, dropout, seed, g)
+        check_all(spec, (y, grads), (y_ref, g_ref),
+                  torch_at_precision(spec, x, ws, bs, dropout, seed, g), torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU only: real sizes, every dtype, autocast, CUDA graphs
+# ---------------------------------------------------------------------------------------------
+REAL = [("spinal", 256, 128, 4, 62, 2), ("spinal", 512, 128, 4, 26, 4),
+        ("progressive", 256, 128, 4, 62, 1), ("spinal", 2048, 512, 4, 100, 2),
+        ("progressive", 2048, 512, 4, 100, 1)]
+
+
+@requires_cuda
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("cfg", REAL, ids=lambda c: f"{c[0]}-D{c[1]}-H{c[2]}-S{c[5]}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
+                         ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("B", [64, 1024, 65536])
+def test_gpu_real_sizes(backend, cfg, dtype, B):
+    kind, D, H, n, C, S = cfg
+    spec = HeadSpec(kind, D, H, n, C, S)
+    x, ws, bs = make_inputs(spec, B, dtype, "cuda")
+    g = torch.randn(B, C, device="cuda").to(dtype)
+    seed = spinalkern.rng.new_seed("cuda")
+    y, hidden, grads = run_fused(backend, spec, x, ws, bs, 0.2, seed, g)
+    # torch's own error at this precision, on the same GPU
+    leaves = [t.detach().clone().requires_grad_() for t in (x, *ws, *bs)]
+    y_t = reference_forward(spec, leaves[0], leaves[1:n + 2], leaves[n + 2:], 0.2, seed)
+    y_t.backward(g)
+    leaves64 = [t.detach().double().requires_grad_() for t in (x, *ws, *bs)]
+    y_ref = reference_forward(spec, leaves64[0], leaves64[1:n + 2], leaves64[n + 2:], 0.2, seed)
+    y_ref.backward(g.double())
+    check("y", y, y_ref, dtype, rel_err(y_t, y_ref))
+    for t_f, t_t, t_r in zip(grads, leaves, leaves64):
+        check("grad", t_f, t_r.grad, dtype, rel_err(t_t.grad, t_r.grad), GRAD_ERROR_FLOOR)
+
+
+@requires_cuda
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_autocast(backend, dtype):
+    head = ProgressiveHead(256, 62, 128, 4, backend=backend).cuda()
+    x = torch.randn(512, 256, device="cuda")
+    with torch.autocast("cuda", dtype=dtype):
+        y = head(x)
+    assert y.dtype == dtype
+    y.float().sum().backward()
+    y_ref = reference_forward(head.spec, x.double(), [w.double() for w in head.weights()],
+                              [b.double() for b in head.biases()])
+    assert rel_err(y, y_ref) < ERROR_FLOOR[dtype]
+
+
+@requires_cuda
+@pytest.mark.parametrize("backend", FUSED)
+def test_gpu_cuda_graph_replay_equals_eager_and_redraws_dropout(backend):
+    head = SpinalHead(256, 62, 128, 4, 2, dropout=0.5, backend=backend).cuda()
+    static_x = torch.randn(256, 256, device="cuda")
+    # eval: replay == eager
+    head.eval()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            head(static_x)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = head(static_x)
+    static_x.copy_(torch.randn_like(static_x))
+    graph.replay()
+    assert rel_err(static_y, head(static_x)) < 1e-6
+    # train: every replay draws a new dropout mask, forward and backward
+    head.train()
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            head(static_x).sum().backward()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = head(static_x)
+        out.sum().backward()
+    graph.replay()
+    first = out.clone()
+    graph.replay()
+    assert rel_err(out, first) > 1e-2
