@@ -5,6 +5,9 @@ set -e
 _root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 _key=$( (cat "$_root/requirements-dev.txt"; python3 --version) | sha256sum | cut -c1-16)
 _venv="${SPINALKERN_VENV_ROOT:-$HOME/.cache/spinalkern-venv}/$_key"
+mkdir -p "$(dirname "$_venv")"
+exec 9>"$_venv.lock"
+flock 9  # one creator at a time; others wait and then reuse it
 if [ ! -f "$_venv/.complete" ]; then
   echo "[env] creating $_venv"
   rm -rf "$_venv"
@@ -14,6 +17,7 @@ if [ ! -f "$_venv/.complete" ]; then
   "$_venv/bin/python" -c "import torch, triton, torchvision" || { echo "[env] install failed"; exit 1; }
   touch "$_venv/.complete"
 fi
+flock -u 9
 # shellcheck disable=SC1091
 source "$_venv/bin/activate"
 set +e
