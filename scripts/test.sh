@@ -17,7 +17,7 @@ step() { printf '\n==> %s\n' "$*"; }
 
 step "extension: python setup.py build_ext --inplace (sm_80 + sm_90)"
 SPINALKERN_FORCE_CUDA=1 python setup.py -q build_ext --inplace
-python scripts/check_cuda_build.py --arch 80 --arch 90
+python scripts/check_cuda_build.py --arch 80 --arch 90 --markdown build/cuda_resources.md
 
 step "extension: CMake build for libtorch users (sm_90)"
 cmake -S . -B build/cmake -DCMAKE_PREFIX_PATH="$(python -c 'import torch;print(torch.utils.cmake_prefix_path)')" \
