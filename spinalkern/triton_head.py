@@ -29,7 +29,7 @@ from . import _backends
 from .ops import check_forward_args, define_backend_ops, param_offsets, register_backend, \
     spec_from_args
 from .rng import keep_threshold
-from .spec import SPINAL
+from .testing import poison_enabled
 
 try:
     import triton
@@ -433,7 +433,6 @@ def _dropout_args(dropout: float):
 def _empty(shape, like: torch.Tensor, dtype=None) -> torch.Tensor:
     """Output allocation; under ``spinalkern.testing.poisoned_outputs()`` filled with NaN so
     that an element a kernel forgets to write shows up in the tests."""
-    from .testing import poison_enabled
     out = torch.empty(shape, dtype=dtype or like.dtype, device=like.device)
     return out.fill_(float("nan")) if poison_enabled() else out
 

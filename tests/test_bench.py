@@ -96,10 +96,8 @@ def _backends():
 
 @pytest.mark.parametrize("pass_", ["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("config", ["spinal_vgg5", "progressive_vgg5"])
-@pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
+@pytest.mark.parametrize("backend", _backends())
 def test_head_benchmark(benchmark, backend, config, pass_):
-    if backend not in _backends():
-        pytest.skip(f"backend {backend!r} not available on {DEVICE}")
     cfg = next(c for c in heads.CONFIGS if c.name == config)
     batch = BENCH_BATCH
     torch.manual_seed(0)
