@@ -551,3 +551,11 @@ def test_gpu_cuda_graph_replay_equals_eager_and_redraws_dropout(backend):
     first = out.clone()
     graph.replay()
     assert rel_err(out, first) > 1e-2
+
+
+def test_weight_gradient_split_and_reduce_path_is_exercised():
+    """The B=1000 cases above must run the per-slice partials + fixed-order reduction."""
+    from spinalkern import triton_head as th
+    spec = HeadSpec("progressive", 45, 64, 4, 62)
+    cfg = th.kernel_config("wgrad", 1000, torch.float32)
+    assert th.wgrad_splits(spec, 1000, cfg, torch.device(TRITON_DEVICE)) > 1
