@@ -21,6 +21,7 @@ import argparse
 import collections
 import contextlib
 import dataclasses
+import gc
 import json
 import os
 import statistics
@@ -286,6 +287,9 @@ class Dist:
 
     def close(self) -> None:
         if self.enabled and torch.distributed.is_initialized():
+            # DDP's reducer holds gloo work objects; freeing them during interpreter shutdown,
+            # after the process group is gone, can abort the process (SIGABRT).  Free them now.
+            gc.collect()
             torch.distributed.destroy_process_group()
 
 
@@ -812,14 +816,17 @@ def run_all(cfg: TrainConfig) -> dict | None:
             trainer = Trainer(cfg, raw, seed, fold, out_dir, dist,
                               label=label if len(runs) > 1 else "")
             summary = trainer.run()
-            if summary is None:
+            if summary is None:  # stopped early (--stop-after-steps)
+                dist.barrier()
                 return None
             results.append((summary, trainer.history))
             labels.append(label)
             del trainer
-        if len(runs) == 1:
-            return results[0][0]
-        return _aggregate(cfg, results, labels, dist)
+        out = results[0][0] if len(runs) == 1 else _aggregate(cfg, results, labels, dist)
+        # Leave together: a rank that tears gloo down while its peer is still finishing can
+        # abort at exit ("terminate called without an active exception").
+        dist.barrier()
+        return out
     finally:
         dist.close()
 
