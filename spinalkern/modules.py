@@ -57,6 +57,9 @@ class _Head(nn.Module):
         w = self.out.weight
         if x.device != w.device:
             raise ValueError(f"x is on {x.device} but the head's parameters are on {w.device}")
+        if not torch.is_autocast_enabled(x.device.type) and x.dtype != w.dtype:
+            raise TypeError(f"x has dtype {x.dtype} but the head's parameters are {w.dtype}; "
+                            "convert one, or use torch.autocast")
 
     def _folded_params(self):
         """Weights and biases with eval-mode BatchNorm folded in (z*scale + shift)."""
@@ -82,9 +85,6 @@ class _Head(nn.Module):
         if backend == "torch" or (self.norms is not None and self.training):
             # The eager reference; training-mode BatchNorm couples the whole batch, so it always
             # runs here (its statistics must be computed before any layer can continue).
-            if not torch.is_autocast_enabled(x.device.type) and x.dtype != self.out.weight.dtype:
-                raise TypeError(f"x has dtype {x.dtype} but the head's parameters are "
-                                f"{self.out.weight.dtype}; convert one, or use torch.autocast")
             return reference_forward(self.spec, x, self.weights(), self.biases(), p,
                                      norms=list(self.norms) if self.norms is not None else None)
         ws, bs = self._folded_params()
@@ -99,11 +99,7 @@ def fused_head(spec: HeadSpec, x, weights, biases, dropout: float, backend: str)
         x = x.to(dtype)
         weights = [w.to(dtype) for w in weights]
         biases = [b.to(dtype) for b in biases]
-    else:
-        for name, t in (("weight", weights[-1]),):
-            if t.dtype != x.dtype:
-                raise TypeError(f"x has dtype {x.dtype} but the head's {name}s are {t.dtype}; "
-                                "convert one, or use torch.autocast")
+    # (without autocast the op itself checks that every weight has x's dtype)
     op = getattr(torch.ops.spinalkern, f"{backend}_head_forward")
     seed = new_seed(x.device) if dropout > 0.0 else None
     needs_grad = torch.is_grad_enabled() and (

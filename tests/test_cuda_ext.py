@@ -7,8 +7,8 @@ the CPU emulator, its build products, and (when a GPU is present) its CUDA kerne
   poisoned outputs, NaN propagation, bad input.
 * Emulator (CI): the CUDA kernels and their host launch code compiled as C++ against
   csrc/emu/cuda_emu.h and run on CPU tensors (real barrier semantics, NaN-poisoned shared
-  memory, WMMA emulation), covering every tile config and fallback path.  Set
-  SPINALKERN_TEST_EMU=0 to skip (it compiles a small extension on first use, ~30 s).
+  memory, WMMA emulation), covering every tile config and fallback path (it compiles a small extension
+  on first use).
 * Build (CI): sm_80 + sm_90 SASS in the .so and zero spills (scripts/check_cuda_build.py).
 * GPU (skipped without CUDA): the same comparisons at real sizes, all dtypes, autocast, CUDA
   vs Triton, CUDA-graph capture/replay, redrawn dropout masks.
@@ -460,8 +460,6 @@ def test_import_and_hint_without_extension():
 @pytest.fixture(scope="session")
 def emu():
     """Compiles csrc/emu/emu_ops.cpp (the CUDA kernels + host code against the emulator)."""
-    if os.environ.get("SPINALKERN_TEST_EMU", "1") == "0":
-        pytest.skip("SPINALKERN_TEST_EMU=0")
     from torch.utils import cpp_extension
     build_dir = os.path.join(ROOT, "build", "emu")
     os.makedirs(build_dir, exist_ok=True)
