@@ -135,6 +135,8 @@ def environment(device) -> dict:
         "cuda_runtime": torch.version.cuda,
         "host_cpu": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
+        # other work on the machine while this ran (1, 5, 15 minute run-queue averages)
+        "load_avg": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
         "device_type": torch.device(device).type,
     }
     try:

@@ -124,13 +124,15 @@ step() {
 # --- what is here ------------------------------------------------------------------------
 NCPU=$(nproc 2>/dev/null || echo 4)
 NO_GPU="torch sees no CUDA GPU here"
-# Time limits (s) of the steps after the kernel benchmark, which it leaves time for.
+# Time limits (s) of the steps after the kernel benchmark, which it leaves time for, and the
+# least time the kernel benchmark keeps when the build or the tests run long.
 if [ -n "$GPU" ]; then
-  HOST_CAP=20 SANITIZE_CAP=40 PLOTS_CAP=15 TRAIN_CAP=60
+  HOST_CAP=20 SANITIZE_CAP=40 PLOTS_CAP=15 TRAIN_CAP=60 HEADS_MIN=90
 else
   echo "!! no GPU: the CPU rehearsal (smoke sizes; GPU-only steps skipped)"
-  HOST_CAP=30 SANITIZE_CAP=20 PLOTS_CAP=20 TRAIN_CAP=60
+  HOST_CAP=30 SANITIZE_CAP=20 PLOTS_CAP=20 TRAIN_CAP=60 HEADS_MIN=30
 fi
+after_heads() { echo $(( HOST_CAP + SANITIZE_CAP + PLOTS_CAP + (TRAIN_DONE ? 0 : TRAIN_CAP) )); }
 
 # --- t=0: the extension, for this GPU only, in the background -----------------------------
 BUILD_PID=
@@ -188,7 +190,9 @@ BUILD_OK=0
 if [ -z "$GPU" ]; then
   record build "skipped (no GPU)" 0 "$NO_GPU: nothing to build for"
 else
-  while kill -0 "$BUILD_PID" 2> /dev/null && (( $(left) > 120 )); do sleep 2; done
+  while kill -0 "$BUILD_PID" 2> /dev/null && (( $(left) > $(after_heads) + HEADS_MIN + 30 )); do
+    sleep 2
+  done
   if kill -0 "$BUILD_PID" 2> /dev/null; then
     kill "$BUILD_PID" 2> /dev/null
     record build "timed out after ${SECONDS} s" "$SECONDS" "$(tail -n 1 "$LOGS/build.log")"
@@ -215,13 +219,13 @@ if [ -z "$GPU" ]; then
   record tests-cuda "skipped (no GPU)" 0 "$NO_GPU; pytest -m gpu runs them on a GPU"
 elif (( BUILD_OK )); then
   # shellcheck disable=SC2086
-  step tests-cuda 60 "${PYTEST[@]}" -k "not (triton and not cuda)" --junitxml="$WORK/tests-cuda.xml" $KERNEL_TESTS
+  step tests-cuda $(( $(left) - $(after_heads) - HEADS_MIN < 60 ? $(left) - $(after_heads) - HEADS_MIN : 60 )) "${PYTEST[@]}" -k "not (triton and not cuda)" --junitxml="$WORK/tests-cuda.xml" $KERNEL_TESTS
 else
   record tests-cuda "skipped (no extension)" 0 "the build step failed: see logs/build.log"
 fi
 
 # --- kernel benchmark: goal cells first --------------------------------------------------
-HEADS_CAP=$(( $(left) - HOST_CAP - SANITIZE_CAP - PLOTS_CAP - (TRAIN_DONE ? 0 : TRAIN_CAP) ))
+HEADS_CAP=$(( $(left) - $(after_heads) ))
 if [ -n "$GPU" ]; then
   step heads "$HEADS_CAP" "$PY" -m bench.heads --quick --peaks "$WORK/machine.json" \
     --json "$OUT/heads.json" --budget-s $(( HEADS_CAP - 15 )) \

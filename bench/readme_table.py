@@ -255,8 +255,10 @@ def host_section(host_path, host) -> list[str]:
                        + (f" S={v['S']}" if v["kind"] == "spinal" else "")
                        for k, v in st["heads"].items())
            + f"), median per call over {st['rounds']} interleaved rounds, "
-           f"{st['torch_threads']} CPU thread(s); (ratio to eager torch); "
-           "bwd = fwd+bwd - fwd(grad).", ""]
+           f"{st['torch_threads']} CPU thread(s)"
+           + (f", machine load {env['load_avg'][0]} on {env.get('cpu_count')} cores"
+              if env.get("load_avg") else "")
+           + "; (ratio to eager torch); bwd = fwd+bwd - fwd(grad).", ""]
     backends = list(dict.fromkeys(r["backend"] for r in host["rows"]))
     out += ["| head | pass | " + " | ".join(backends) + " |",
             "|---|---|" + "---:|" * len(backends)]
