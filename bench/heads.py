@@ -1,6 +1,6 @@
 """Kernel microbenchmark of the spinalkern heads: speed, correctness, roofline and memory.
 
-    python -m bench.heads --out results/bench      # full sweep on a GPU (~4 min on H100)
+    python -m bench.heads                          # full sweep on a GPU
     python -m bench.heads --quick --json F.json    # bf16, B in {128, 1024, 65536}
     python -m bench.heads --smoke --out DIR        # a few tiny sizes; runs on CPU (CI)
 

@@ -1,6 +1,6 @@
 """Training throughput: models x heads x backends x AMP x CUDA graph x compile.
 
-    python -m bench.train_throughput --quick --data-root data --out DIR   # ~2 min on a GPU
+    python -m bench.train_throughput --quick --data-root data --out DIR   # the main runs
     python -m bench.train_throughput --data-root data --out DIR           # the full matrix
     python -m bench.train_throughput --smoke --out DIR                    # CPU, synthetic data
 
