@@ -13,11 +13,13 @@ so small (B=8, D=64, H=16, n=4, C=10, fp32) that the arithmetic is negligible:
 * backends: eager ``torch`` and every fused backend that runs here.  On CPU that is ``cuda``
   (the extension's C++ CPU ops); ``triton`` on CPU would run in Triton's interpreter, whose
   cost says nothing about host overhead, so it is left out there.  On a GPU every backend;
-  a batch of calls ends with a synchronize, so a call's time is its host time as long as the
-  GPU finishes each call's few microseconds of work sooner than the host issues the next;
-* all variants interleaved in one run: each round times every variant once (in a rotated
-  order), a sample being the mean over enough back-to-back calls to fill ``--target-ms``;
-  the first ``--warmup-rounds`` rounds are dropped; ``median_us`` is the median over rounds.
+  the device is synchronised between variants, outside the timed calls, so a call's time is
+  the host's time to issue it (as long as the GPU keeps up with a few microseconds of work
+  per call);
+* all variants interleaved in one run: each round runs every variant ``--calls`` times (in
+  an order rotated per round), timing every call on its own; the first ``--warmup-rounds``
+  rounds are dropped; ``median_us`` is the median over all timed calls of a variant (robust
+  to the calls another process preempted, on a shared machine), with ``p20_us`` / ``p80_us``.
 
 Goals (issue 10): on CPU a fused fwd+bwd costs at most 1/3 of eager torch's (worst tiny
 head); on a GPU at most 15 us per forward and 20 us per backward.  The run prints each goal
@@ -85,36 +87,33 @@ def fused_backends(device) -> tuple[list[str], list[dict]]:
     return fused, skipped
 
 
-def measure(variants: dict, device, rounds: int, warmup_rounds: int, target_ms: float):
-    """{key: [per-call seconds of each kept round]}, all variants interleaved."""
+def measure(variants: dict, device, rounds: int, warmup_rounds: int, calls: int) -> dict:
+    """{key: [seconds of each timed call]}, all variants interleaved.
+
+    Each round runs every variant ``calls`` times back to back (in an order rotated per
+    round), timing each call on its own: on a shared machine a call that was preempted is one
+    outlier among many, not part of every sample.  On a GPU the device is synchronised after
+    each variant's calls, outside the timed calls, so a call's time is what the host spends
+    issuing it."""
     gpu = device.type == "cuda"
-    inner = {}
-    for key, call in variants.items():   # warm-up and calibration: calls per sample
-        for _ in range(3):
-            call()
-        common.synchronize(device)
-        t0 = time.perf_counter()
-        for _ in range(10):
-            call()
-        common.synchronize(device)
-        per = (time.perf_counter() - t0) / 10
-        inner[key] = int(min(2000, max(1, target_ms * 1e-3 / max(per, 1e-7))))
     samples = {key: [] for key in variants}
     keys = list(variants)
+    clock = time.perf_counter
     for r in range(warmup_rounds + rounds):
         shift = r % len(keys)
         for key in keys[shift:] + keys[:shift]:
-            call, n = variants[key], inner[key]
+            call, out = variants[key], samples[key]
             if gpu:
                 torch.cuda.synchronize(device)
-            t0 = time.perf_counter()
-            for _ in range(n):
+            for _ in range(calls):
+                t0 = clock()
                 call()
-            if gpu:
-                torch.cuda.synchronize(device)
-            if r >= warmup_rounds:
-                samples[key].append((time.perf_counter() - t0) / n)
-    return samples, inner
+                t = clock() - t0
+                if r >= warmup_rounds:
+                    out.append(t)
+    if gpu:
+        torch.cuda.synchronize(device)
+    return samples
 
 
 def quantile(xs, q):
@@ -181,9 +180,10 @@ def parse_args(argv=None):
                    help="folder for host-<UTC time>.json (default results/bench)")
     p.add_argument("--json", default=None, help="write exactly this file instead")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
-    p.add_argument("--rounds", type=int, default=41, help="kept rounds (samples per variant)")
+    p.add_argument("--rounds", type=int, default=41, help="rounds kept after the warm-up")
+    p.add_argument("--calls", type=int, default=10,
+                   help="calls of each variant per round, each timed on its own")
     p.add_argument("--warmup-rounds", type=int, default=3)
-    p.add_argument("--target-ms", type=float, default=2.0, help="time of one sample")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: tiny tensors never use more)")
     p.add_argument("--check", action="store_true", help="exit 1 unless every goal is met")
@@ -202,7 +202,7 @@ def main(argv=None) -> dict:
     variants = {(h, b, p): make_call(spec, b, p, device)
                 for h, spec in TINY.items() for b in backends for p in PASSES}
     t0 = time.perf_counter()
-    samples, inner = measure(variants, device, opts.rounds, opts.warmup_rounds, opts.target_ms)
+    samples = measure(variants, device, opts.rounds, opts.warmup_rounds, opts.calls)
     rows = []
     for (h, b, p), xs in samples.items():
         spec = TINY[h]
@@ -210,7 +210,7 @@ def main(argv=None) -> dict:
                      "C": spec.C, "S": spec.num_splits, "batch": BATCH, "dtype": "fp32",
                      "backend": b, "pass": p, "median_us": statistics.median(xs) * 1e6,
                      "p20_us": quantile(xs, 0.2) * 1e6, "p80_us": quantile(xs, 0.8) * 1e6,
-                     "rounds": len(xs), "calls_per_sample": inner[(h, b, p)]})
+                     "calls_timed": len(xs), "rounds": opts.rounds})
     by = {(r["head"], r["backend"], r["pass"]): r for r in rows}
     for h in TINY:
         for b in backends:   # backward alone: training call minus training forward
@@ -227,14 +227,16 @@ def main(argv=None) -> dict:
               "settings": {"batch": BATCH, "dtype": "fp32", "heads": {
                   h: {"kind": s.kind, "D": s.D, "H": s.H, "n": s.n, "C": s.C,
                       "S": s.num_splits} for h, s in TINY.items()},
-                  "passes": PASSES, "rounds": opts.rounds, "warmup_rounds": opts.warmup_rounds,
-                  "target_ms": opts.target_ms, "torch_threads": torch.get_num_threads()},
+                  "passes": PASSES, "rounds": opts.rounds, "calls_per_round": opts.calls,
+                  "warmup_rounds": opts.warmup_rounds,
+                  "torch_threads": torch.get_num_threads()},
               "skipped": skipped, "wall_s": round(time.perf_counter() - t0, 1),
               "rows": rows, "goals": goals, "all_goals_met": all(g["met"] for g in goals)}
     path = opts.json or os.path.join(opts.out, f"host-{common.file_stamp()}.json")
     common.write_json(path, result)
     print(f"host overhead on {result['environment']['device_name']}, B={BATCH} fp32, "
-          f"median of {opts.rounds} interleaved rounds ({result['wall_s']} s) -> {path}")
+          f"median of {opts.rounds} interleaved rounds x {opts.calls} calls "
+          f"({result['wall_s']} s) -> {path}")
     print("\n".join(table(result)))
     for s in skipped:
         print(f"not measured: {s['backend']} ({s['reason']})")

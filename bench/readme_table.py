@@ -254,7 +254,8 @@ def host_section(host_path, host) -> list[str]:
            + ", ".join(f"{k}: D={v['D']} H={v['H']} n={v['n']} C={v['C']}"
                        + (f" S={v['S']}" if v["kind"] == "spinal" else "")
                        for k, v in st["heads"].items())
-           + f"), median per call over {st['rounds']} interleaved rounds, "
+           + f"), median of {st['rounds'] * st.get('calls_per_round', 1)} calls timed one "
+           f"by one in {st['rounds']} interleaved rounds, "
            f"{st['torch_threads']} CPU thread(s)"
            + (f", machine load {env['load_avg'][0]} on {env.get('cpu_count')} cores"
               if env.get("load_avg") else "")

@@ -167,7 +167,7 @@ def test_rehearsal_host_overhead_results(rehearsal):
     for r in data["rows"]:
         assert r["batch"] == 8 and r["dtype"] == "fp32"
         if r["pass"] != "bwd":
-            assert r["median_us"] > 0 and r["rounds"] == 11
+            assert r["median_us"] > 0 and r["rounds"] == 11 and r["calls_timed"] == 11 * 10
         assert r["ratio_vs_torch"] is not None
     assert {r["pass"] for r in data["rows"]} == {"fwd", "fwd(grad)", "fwd+bwd", "bwd"}
     assert all(g["status"].startswith(("met", "MISSED", "not measured")) for g in data["goals"])
