@@ -102,8 +102,8 @@ def info() -> dict:
     }
 
 
-def _print(d: dict, out=sys.stdout) -> None:
-    p = lambda *a: print(*a, file=out)  # noqa: E731
+def _print(d: dict, out=None) -> None:
+    p = lambda *a: print(*a, file=out or sys.stdout)  # noqa: E731
     p(f"spinalkern {d['spinalkern']}  ({d['location']})")
     p(f"python {d['python']}, torch {d['torch']} (CUDA {d['torch_cuda'] or 'none: CPU build'}), "
       f"triton {d['triton'] or 'not installed'}")
