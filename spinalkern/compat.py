@@ -68,7 +68,8 @@ def _layer_index(family: str, name: str) -> int | None:
 
 
 def _groups(state_dict: dict):
-    """{prefix: {layer name: {position in its Sequential: {field: tensor}}}}"""
+    """{prefix: {layer name: {position in its Sequential: {field: tensor}}}}; a prefix holding
+    fc_spinal_layerK / fc_out keys keeps only those (that naming is unambiguous)."""
     groups: dict[str, dict[str, dict[int, dict[str, torch.Tensor]]]] = {}
     for key, value in state_dict.items():
         m = _KEY.match(key)
@@ -76,6 +77,10 @@ def _groups(state_dict: dict):
             pos = int(m["pos"]) if m["pos"] is not None else -1  # -1: a plain Linear
             groups.setdefault(m["prefix"], {}).setdefault(m["name"], {}).setdefault(
                 pos, {})[m["field"]] = value
+    for prefix, layers in groups.items():
+        if _family(set(layers)) == "spinalnet":
+            groups[prefix] = {k: v for k, v in layers.items()
+                              if k.startswith("fc_spinal_layer") or k == "fc_out"}
     return groups
 
 

@@ -13,7 +13,8 @@ whose ``in_features`` match, on the same device and in the same dtype.  Where it
     ViT                                                                      model.heads.head
     Swin and other models with a final Linear named ``head``                  model.head
 
-``target`` may also name a classifier ``nn.Sequential`` made only of Linear / ReLU / Dropout /
+Auxiliary classifiers (GoogLeNet's ``aux1``/``aux2``, Inception's ``AuxLogits``) are left as
+they are.  ``target`` may also name a classifier ``nn.Sequential`` made only of Linear / ReLU / Dropout /
 BatchNorm1d layers (VGG's and AlexNet's ``classifier``): the head then replaces all of it and
 reads the Sequential's input, as the SpinalNet paper's VGG-19-bn transfer runs did (their
 parameter counts, Table III, match replacing the whole 25088 -> 4096 -> 4096 -> C classifier).

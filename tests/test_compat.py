@@ -233,7 +233,8 @@ def test_spinalnet_family_beside_squeeze_excitation_layers():
     assert any(k.endswith(".fc1.weight") for k in backbone.state_dict())
     orig = _randomise(OriginalSpinalTransferHead(576, 32, 10), 4)
     sd = {**{f"features.{k}": v for k, v in backbone.state_dict().items()},
-          **{f"classifier.{k}": v for k, v in orig.state_dict().items()}}
+          **{f"classifier.{k}": v for k, v in orig.state_dict().items()},
+          "classifier.fc1.weight": torch.zeros(3, 4)}  # another layer beside the head: ignored
     assert find_original_head(sd) == ("classifier.", "spinalnet")
     head = SpinalHead(576, 10, 32, 4, 2, dropout=0.5, batch_norm=True, backend="torch").eval()
     load_original_state_dict(head, sd)

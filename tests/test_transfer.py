@@ -27,6 +27,11 @@ def _tiny_vit(num_classes=1000):
                                 hidden_dim=64, mlp_dim=128, num_classes=num_classes)
 
 
+def _small_convnext():
+    cfg = tv.convnext.CNBlockConfig
+    return tv.ConvNeXt([cfg(32, 64, 1), cfg(64, None, 1)])
+
+
 # (constructor, where the classifier Linear is, input size).  Each model is torchvision's own
 # class with random weights; ResNeXt and Wide-ResNet are torchvision's ResNet with their block
 # parameters (groups 32 x width 4; width 128) and one block per stage, to keep the test fast.
@@ -41,6 +46,7 @@ MODELS = {
     "mobilenet_v3_small": (lambda: tv.mobilenet_v3_small(), "classifier.3", 32),
     "efficientnet_b0": (lambda: tv.efficientnet_b0(), "classifier.1", 32),
     "densenet121": (lambda: tv.densenet121(), "classifier", 32),
+    "convnext": (lambda: _small_convnext(), "classifier.2", 32),
     "vit": (_tiny_vit, "heads.head", 32),
 }
 
@@ -136,7 +142,7 @@ def test_clear_errors():
     with pytest.raises(ValueError, match="target="):
         replace_classifier(tv.squeezenet1_0())  # its classifier is a convolution
     with pytest.raises(ValueError, match="LayerNorm2d"):  # not a plain MLP classifier
-        replace_classifier(tv.convnext_tiny(), target="classifier")
+        replace_classifier(_small_convnext(), target="classifier")
     model = tv.resnet18()
     with pytest.raises(ValueError, match="no such submodule"):
         replace_classifier(model, target="head")
