@@ -202,7 +202,11 @@ else
     took=$(( $(stat -c %Y "$LOGS/build.log") - START_EPOCH ))
     so=$(ls "$BUILD_DIR"/lib/spinalkern/_C*.so 2> /dev/null | head -n 1)
     if [ "$rc" -eq 0 ] && [ -n "$so" ]; then
-      cp "$so" "spinalkern/.$(basename "$so").tmp" && mv -f "spinalkern/.$(basename "$so").tmp" "spinalkern/$(basename "$so")"
+      for f in "$so" "$BUILD_DIR/lib/spinalkern/_build_info.py"; do   # moved in atomically
+        [ -f "$f" ] && cp "$f" "spinalkern/.$(basename "$f").tmp" &&
+          mv -f "spinalkern/.$(basename "$f").tmp" "spinalkern/$(basename "$f")"
+      done
+      "$PY" -m spinalkern.info > "$LOGS/spinalkern-info.log" 2>&1
       if "$PY" -c "from spinalkern import cuda_backend as c; import sys; sys.exit(0 if c.has_cuda_kernels() else 1)" >> "$LOGS/build.log" 2>&1; then
         BUILD_OK=1
         record build ok "$took" "sm_${GPU/./} only, MAX_JOBS=$NCPU, in the background from t=0"
