@@ -1,9 +1,10 @@
 """Small helpers shared by the benchmark scripts in bench/.
 
-Nothing here knows about heads or models: environment facts for the results JSON, a timer
-that works on CPU and GPU, a background sampler of GPU utilisation / power / clocks, and file
-helpers.  Everything that needs a GPU or nvidia-ml-py is guarded so that the CPU smoke mode
-runs anywhere.
+Nothing here knows about heads or models: environment facts for the results JSON (including
+the commit, also on a machine where ``.git`` did not travel), a timer that works on CPU and
+GPU, a background sampler of GPU utilisation / power / clocks, optional imports that degrade
+with one warning, and file helpers.  Everything that needs a GPU or nvidia-ml-py is guarded so
+that the CPU smoke mode runs anywhere.
 """
 from __future__ import annotations
 
@@ -14,36 +15,86 @@ import os
 import platform
 import statistics
 import subprocess
-import sys
 import threading
 import time
+import warnings
 
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(BENCH_DIR)
-RESULTS_DIR = os.path.join(BENCH_DIR, "results")
+RESULTS_DIR = os.path.join(REPO_ROOT, "results", "bench")
+# Written by `python -m bench.commit` before the checkout is copied to a machine without .git
+COMMIT_FILE = os.path.join(BENCH_DIR, "COMMIT")
 
 
-def add_repo_to_path() -> None:
-    """Let `python bench/x.py` import spinalkern and models from the checkout."""
-    if REPO_ROOT not in sys.path:
-        sys.path.insert(0, REPO_ROOT)
+# --------------------------------------------------------------------------------------------
+# Optional imports
+# --------------------------------------------------------------------------------------------
+_warned: set[str] = set()
+
+
+def optional_import(name: str, what: str):
+    """``import name``, or None with one warning (per module and process) saying what is lost.
+
+    For packages that only make a run nicer (plots, progress bars, GPU sampling): a finished
+    benchmark must never crash on them.
+    """
+    import importlib
+    try:
+        return importlib.import_module(name)
+    except ImportError as e:
+        if name not in _warned:
+            _warned.add(name)
+            warnings.warn(f"{name} is not installed ({e}); {what}", RuntimeWarning, stacklevel=2)
+        return None
 
 
 # --------------------------------------------------------------------------------------------
 # Environment facts
 # --------------------------------------------------------------------------------------------
-def git_commit() -> str:
+def git_state(root: str = REPO_ROOT) -> tuple[str, bool] | None:
+    """(HEAD commit, tracked files changed) from git, or None when git or .git is missing."""
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True,
-                             text=True, timeout=10)
-        commit = out.stdout.strip() if out.returncode == 0 else "unknown"
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                              text=True, timeout=10)
+        if head.returncode != 0:
+            return None
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
-        if commit != "unknown" and dirty.stdout.strip():
-            commit += "-dirty"
-        return commit
+                               cwd=root, capture_output=True, text=True, timeout=10)
+        return head.stdout.strip(), bool(dirty.stdout.strip())
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return None
+
+
+def read_commit_file(path: str | None = None) -> tuple[str, bool] | None:
+    """(commit, dirty) recorded by `python -m bench.commit` (in ``path``, default
+    bench/COMMIT), or None when there is no such file."""
+    try:
+        with open(path or COMMIT_FILE) as f:
+            fields = dict(line.strip().split("=", 1) for line in f if "=" in line)
+        return fields["commit"], fields.get("dirty", "unknown") != "no"
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def commit_info() -> dict:
+    """The commit the results come from: {"commit", "dirty", "source"}.
+
+    From git when the checkout has its .git; otherwise from bench/COMMIT, written by
+    `python -m bench.commit` before the checkout was copied (e.g. to the GPU machine, where
+    .git does not travel); otherwise commit "unknown".
+    """
+    state, source = git_state(), "git"
+    if state is None:
+        state, source = read_commit_file(), "bench/COMMIT"
+    if state is None:
+        return {"commit": "unknown", "dirty": None, "source": None}
+    return {"commit": state[0], "dirty": state[1], "source": source}
+
+
+def git_commit() -> str:
+    """HEAD's commit id, with "-dirty" when tracked files differ from it (see commit_info)."""
+    info = commit_info()
+    return info["commit"] + ("-dirty" if info["dirty"] else "")
 
 
 def utc_now() -> str:
@@ -56,8 +107,11 @@ def file_stamp() -> str:
 
 
 def nvidia_driver_version() -> str | None:
+    pynvml = optional_import("pynvml", "the GPU driver version is not recorded "
+                             "(pip install nvidia-ml-py)")
+    if pynvml is None:
+        return None
     try:
-        import pynvml
         pynvml.nvmlInit()
         try:
             v = pynvml.nvmlSystemGetDriverVersion()
@@ -71,14 +125,18 @@ def nvidia_driver_version() -> str | None:
 def environment(device) -> dict:
     """Device name, driver, library versions, git commit and date for a results file."""
     import torch
+    commit = commit_info()
     info = {
         "date": utc_now(),
-        "git_commit": git_commit(),
+        "git_commit": commit["commit"] + ("-dirty" if commit["dirty"] else ""),
+        "git_commit_source": commit["source"],
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cuda_runtime": torch.version.cuda,
         "host_cpu": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
+        # other work on the machine while this ran (1, 5, 15 minute run-queue averages)
+        "load_avg": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
         "device_type": torch.device(device).type,
     }
     try:
@@ -99,6 +157,21 @@ def environment(device) -> dict:
         info["device_name"] = "cpu: " + (platform.processor() or platform.machine())
         info["driver"] = None
     return info
+
+
+def facts_lines(data: dict) -> list[str]:
+    """Four lines about a machine.json of bench.machine: device, versions, ceilings, backends."""
+    env, peaks = data["environment"], data["peaks"]
+    mm = ", ".join(f"{k} {v / 1e12:.3g} TFLOP/s" for k, v in peaks["matmul_flops_per_s"].items())
+    return [f"device: {env.get('device_name')} (driver {env.get('driver')}, "
+            f"{env.get('sm_count', '-')} SMs, L2 {env.get('l2_cache_bytes', '-')} B)",
+            f"versions: python {env['python']}, torch {env['torch']}, triton {env['triton']}, "
+            f"CUDA {env['cuda_runtime']}; commit {env['git_commit']} "
+            f"(from {env.get('git_commit_source')})",
+            f"measured: copy {peaks['copy_bytes_per_s'] / 1e12:.3g} TB/s "
+            f"({peaks['copy_size_bytes'] >> 20} MiB), matmul {mm} "
+            f"({peaks['matmul_size']}^3, random data)",
+            "backends: " + ", ".join(f"{k} {v}" for k, v in data["backends"].items())]
 
 
 # --------------------------------------------------------------------------------------------
@@ -171,8 +244,12 @@ class GpuSampler:
         self._handle = None
 
     def __enter__(self):
+        pynvml = optional_import("pynvml", "GPU utilisation, power and clocks are not sampled "
+                                 "(pip install nvidia-ml-py)")
+        if pynvml is None:
+            self.error = "nvml unavailable: nvidia-ml-py is not installed"
+            return self
         try:
-            import pynvml
             pynvml.nvmlInit()
             self._nvml = pynvml
             # CUDA_VISIBLE_DEVICES remaps torch's index 0; nvml sees all devices.  With one

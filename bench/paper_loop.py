@@ -1,6 +1,6 @@
 """The papers' training-loop style, as the baseline for training throughput.
 
-    python bench/paper_loop.py --model spinal-vgg5 --data mnist --data-root data \
+    python -m bench.paper_loop --model spinal-vgg5 --data mnist --data-root data \
         --epochs 1 --train-subset 10000 --device cuda --out DIR
 
 What the SpinalNet / ProgressiveSpinalNet scripts do, written plainly: a torch DataLoader
@@ -13,23 +13,19 @@ torchvision data sets are used: the IDX files are read by ``models.data``.
 Writes ``DIR/summary.json`` with the keys the training CLI writes (``images_per_s``,
 ``epoch_times_s``, ``test_accuracy`` in percent, ``params``, ``epochs``,
 ``peak_gpu_memory_bytes``), so that
-bench/train_throughput.py reads both the same way.
+bench.train_throughput reads both the same way.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import benchlib as common  # noqa: E402
+import torch
+from torch.utils.data import DataLoader, Dataset
 
-common.add_repo_to_path()
-
-import torch  # noqa: E402
-from torch.utils.data import DataLoader, Dataset  # noqa: E402
+from . import benchlib as common
 
 
 class IdxImages(Dataset):

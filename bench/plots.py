@@ -1,12 +1,12 @@
-"""PNG plots from a results JSON of bench/heads.py (and optionally bench/train_throughput.py).
+"""PNG plots from a results JSON of bench.heads (or bench.train_throughput).
 
-    python bench/plots.py                          # newest bench/results/heads-*.json
-    python bench/plots.py RESULTS.json --out DIR   # a given file
+    python -m bench.plots                          # newest results/bench/heads-*.json
+    python -m bench.plots RESULTS.json --out DIR   # a given file
 
 Writes, per dtype in the file, ``speedup_<dtype>.png`` (speedup over eager torch vs batch,
 one panel per head config; solid = fwd+bwd, dashed = fwd) and ``roofline_<dtype>.png``
 (fraction of the roofline floor vs batch).  For a training results file it writes
-``train_images_per_s.png``.
+``train_images_per_s.png``.  Without matplotlib it warns once and writes nothing.
 """
 from __future__ import annotations
 
@@ -15,13 +15,7 @@ import math
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import benchlib as common  # noqa: E402
-
-import matplotlib  # noqa: E402
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from . import benchlib as common
 
 STYLE = {"fwd": "--", "fwd+bwd": "-"}
 
@@ -44,7 +38,18 @@ def _series(rows, head, dtype, value):
     return {k: sorted(v) for k, v in out.items()}
 
 
-def plot_metric(result, dtype, value, ylabel, title, path, logy, hline=None):
+def pyplot():
+    """matplotlib.pyplot with the file-only backend, or None (one warning) without it."""
+    matplotlib = common.optional_import("matplotlib", "no plots are written "
+                                        "(pip install matplotlib)")
+    if matplotlib is None:
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_metric(plt, result, dtype, value, ylabel, title, path, logy, hline=None):
     rows = result["rows"]
     heads = list(dict.fromkeys(r["head"] for r in rows if r["dtype"] == dtype))
     if not heads:
@@ -86,13 +91,16 @@ def plot_metric(result, dtype, value, ylabel, title, path, logy, hline=None):
 
 
 def plot_heads(result, out_dir):
+    plt = pyplot()
+    if plt is None:
+        return []
     os.makedirs(out_dir, exist_ok=True)
     written = []
     for dtype in dict.fromkeys(r["dtype"] for r in result["rows"]):
-        p = plot_metric(result, dtype, lambda r: r.get("speedup_vs_torch"),
+        p = plot_metric(plt, result, dtype, lambda r: r.get("speedup_vs_torch"),
                         "speedup vs eager torch", "Speedup over eager",
                         os.path.join(out_dir, f"speedup_{dtype}.png"), logy=True, hline=1.0)
-        q = plot_metric(result, dtype, lambda r: r.get("roofline_fraction"),
+        q = plot_metric(plt, result, dtype, lambda r: r.get("roofline_fraction"),
                         "fraction of roofline floor", "Roofline fraction",
                         os.path.join(out_dir, f"roofline_{dtype}.png"), logy=True, hline=1.0)
         written += [x for x in (p, q) if x]
@@ -101,7 +109,8 @@ def plot_heads(result, out_dir):
 
 def plot_train(result, out_dir):
     runs = [r for r in result["rows"] if r.get("images_per_s")]
-    if not runs:
+    plt = pyplot() if runs else None
+    if plt is None:
         return []
     os.makedirs(out_dir, exist_ok=True)
     labels = [r["label"] for r in runs]
@@ -128,7 +137,7 @@ def main(argv=None):
     opts = p.parse_args(argv)
     path = opts.results or common.newest(common.RESULTS_DIR, "heads")
     if path is None:
-        sys.exit("no results file given and none in bench/results/")
+        sys.exit("no results file given and none in results/bench/")
     result = common.read_json(path)
     out = opts.out or os.path.dirname(os.path.abspath(path))
     written = plot_train(result, out) if result.get("kind") == "train" else \

@@ -1,19 +1,21 @@
 """Training throughput: models x heads x backends x AMP x CUDA graph x compile.
 
-    python bench/train_throughput.py --quick --data-root data --out DIR    # ~2 min on a GPU
-    python bench/train_throughput.py --data-root data --out DIR            # the full matrix
-    python bench/train_throughput.py --smoke --out DIR                     # CPU, synthetic data
+    python -m bench.train_throughput --quick --data-root data --out DIR   # the main runs
+    python -m bench.train_throughput --data-root data --out DIR           # the full matrix
+    python -m bench.train_throughput --smoke --out DIR                    # CPU, synthetic data
 
 Every run is a separate process of the training CLI (``python -m models.train``), in a
 scratch folder; its ``summary.json`` is read back (images/s, test accuracy, parameters, peak
-GPU memory).  The papers' training-loop style (bench/paper_loop.py: DataLoader with CPU
+GPU memory).  The papers' training-loop style (bench.paper_loop: DataLoader with CPU
 transforms, fp32 eager, batch 100) runs on the same GPU in the same run as the baseline,
 with 0 DataLoader workers (as the papers' scripts) and with 4.  While each run is going,
 GPU utilisation, power and SM clock are sampled with nvidia-ml-py.
 
 ``images_per_s`` of a row is the steady rate (median epoch after the first, which holds
 compilation, graph capture and autotuning) when the run had more than one epoch, otherwise
-the rate over its only epoch.  One JSON file ``DIR/train-<UTC time>.json`` holds every row.
+the rate over its only epoch.  One JSON file (``--json PATH``, or ``DIR/train-<UTC
+time>.json`` with ``--out DIR``) holds every row; it is rewritten atomically after every run,
+so a run cut short keeps what it measured.
 """
 from __future__ import annotations
 
@@ -26,10 +28,7 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import benchlib as common  # noqa: E402
-
-common.add_repo_to_path()
+from . import benchlib as common
 
 SPINAL_MODELS = ["spinal-vgg5", "progressive-vgg5", "spinal-resnet18", "progressive-resnet18"]
 FC_MODELS = ["vgg5", "resnet18-fc512"]  # the papers' plain heads, for reference
@@ -80,7 +79,7 @@ def command(spec, opts, out_dir):
     if not opts.verify:
         common_args += ["--no-verify"]
     if spec["paper_loop"]:
-        return [py, os.path.join(common.BENCH_DIR, "paper_loop.py"), "--model", spec["model"],
+        return [py, "-m", "bench.paper_loop", "--model", spec["model"],
                 "--workers", str(spec["workers"]), "--batch-size", "100"] + common_args
     cmd = [py, "-m", "models.train", "--model", spec["model"], "--backend", spec["backend"],
            "--batch-size", str(opts.batch_size), "--amp", spec["amp"],
@@ -115,11 +114,9 @@ def run_one(spec, opts, scratch, timeout_s):
     cmd = command(spec, opts, out_dir)
     row = dict(spec)
     t0 = time.perf_counter()
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [common.REPO_ROOT] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
     with common.GpuSampler() as sampler:
         try:
-            proc = subprocess.run(cmd, cwd=common.REPO_ROOT, env=env, capture_output=True,
+            proc = subprocess.run(cmd, cwd=common.REPO_ROOT, capture_output=True,
                                   text=True, timeout=timeout_s)
             rc, log = proc.returncode, proc.stdout + proc.stderr
         except subprocess.TimeoutExpired as e:
@@ -167,7 +164,9 @@ def add_speedups(rows):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default=common.RESULTS_DIR)
+    p.add_argument("--out", default=common.RESULTS_DIR,
+                   help="folder for train-<UTC time>.json (default results/bench)")
+    p.add_argument("--json", default=None, help="write exactly this file instead")
     p.add_argument("--smoke", action="store_true", help="CPU, synthetic data, tiny model")
     p.add_argument("--quick", action="store_true", help="a short matrix (the runbook)")
     p.add_argument("--models", nargs="*", default=None)
@@ -206,6 +205,22 @@ def parse_args(argv=None):
 def main(argv=None) -> str:
     opts = parse_args(argv)
     started = time.perf_counter()
+    if not opts.smoke and not os.path.isdir(opts.data_root):
+        sys.exit(f"[train] no data folder {opts.data_root!r}: put the MNIST IDX files in "
+                 f"{os.path.join(opts.data_root, opts.data)}/ (see docs/benchmarks.md)")
+    import torch
+    path = opts.json or os.path.join(opts.out, f"train-{common.file_stamp()}.json")
+    result = {
+        "kind": "train", "mode": opts.mode, "environment": common.environment(opts.device),
+        "settings": {k: getattr(opts, k) for k in ("models", "backends", "data", "epochs",
+                                                   "batch_size", "train_subset",
+                                                   "test_subset")},
+        "skipped_runs": 0, "complete": False, "wall_s": 0.0, "rows": [],
+        "torch_threads": torch.get_num_threads(),
+    }
+    if opts.mode == "smoke":
+        result["settings"]["data"] = "synthetic (random) MNIST-layout files"
+    rows = result["rows"]
     scratch = tempfile.mkdtemp(prefix="spinalkern-train-")
     try:
         if opts.smoke:
@@ -216,12 +231,11 @@ def main(argv=None) -> str:
         os.makedirs(runs_dir)
         runs = plan(opts.mode, opts.models, opts.backends)
         print(f"[train] {opts.mode}: {len(runs)} runs on {opts.device}, backends "
-              f"{opts.backends}, data {opts.data} in {opts.data_root}", flush=True)
-        rows, skipped = [], 0
+              f"{opts.backends}, data {opts.data} in {opts.data_root} -> {path}", flush=True)
         for i, spec in enumerate(runs):
             left = None if opts.budget_s is None else opts.budget_s - (time.perf_counter() - started)
             if left is not None and left < 10:
-                skipped += 1
+                result["skipped_runs"] += 1
                 continue
             timeout = opts.run_timeout_s if left is None else min(opts.run_timeout_s, left)
             row = run_one(spec, opts, runs_dir, timeout)
@@ -230,23 +244,18 @@ def main(argv=None) -> str:
             print(f"[train] {i + 1}/{len(runs)} {spec['model']}: {spec['label']}: "
                   + (f"{ips:,.0f} img/s" if ips else row.get("error", "?"))
                   + f" ({row['wall_s']} s)", flush=True)
+            add_speedups(rows)
+            result["wall_s"] = round(time.perf_counter() - started, 1)
+            common.write_json(path, result)  # atomic: a cut-off run keeps every finished run
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     add_speedups(rows)
-    import torch
-    result = {
-        "kind": "train", "mode": opts.mode, "environment": common.environment(opts.device),
-        "settings": {k: getattr(opts, k) for k in ("models", "backends", "data", "epochs",
-                                                   "batch_size", "train_subset",
-                                                   "test_subset")},
-        "skipped_runs": skipped, "wall_s": round(time.perf_counter() - started, 1),
-        "rows": rows, "torch_threads": torch.get_num_threads(),
-    }
-    if opts.mode == "smoke":
-        result["settings"]["data"] = "synthetic (random) MNIST-layout files"
-    path = common.write_json(os.path.join(opts.out, f"train-{common.file_stamp()}.json"), result)
+    result["complete"] = True
+    result["wall_s"] = round(time.perf_counter() - started, 1)
+    common.write_json(path, result)
     failed = [r for r in rows if not r.get("images_per_s")]
-    print(f"[train] {len(rows)} runs, {len(failed)} failed, {skipped} skipped for time -> {path}")
+    print(f"[train] {len(rows)} runs, {len(failed)} failed, {result['skipped_runs']} skipped "
+          f"for time -> {path}")
     for r in failed:
         print(f"  {r['model']} {r['label']}: {r.get('error')}\n    "
               + (r.get("log_tail") or "")[-600:].replace("\n", "\n    "))

@@ -47,5 +47,8 @@ print(f"main command: test_accuracy {s['test_accuracy']:.2f} %, {s['images_per_s
 assert s["test_accuracy"] >= 97.5, s["test_accuracy"]
 PY
 
+step "host overhead of a tiny head: fused (the extension's CPU ops) vs eager torch"
+python -m bench.host_overhead --json build/host_overhead.json
+
 step "pytest"
 python -m pytest -q -p no:cacheprovider --benchmark-disable "$@" tests
