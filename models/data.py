@@ -340,6 +340,15 @@ def _labels(arr: np.ndarray, where: str, info: DatasetInfo) -> torch.Tensor:
     return t
 
 
+def content_sha256(raw: RawDataset) -> str:
+    """sha256 of a data set's images and labels (what a resumed run must train on again)."""
+    h = hashlib.sha256(raw.name.encode())
+    for t in (raw.train_images, raw.train_labels, raw.test_images, raw.test_labels):
+        h.update(f"{t.dtype} {tuple(t.shape)}:".encode())
+        h.update(t.contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 def load_dataset(name: str, root: str, download: bool = False, verify: bool = True) -> RawDataset:
     """Load a whole data set into CPU tensors (see the module docstring for the layouts)."""
     info = dataset_info(name)
@@ -504,6 +513,6 @@ def read_idx_file(path: str) -> np.ndarray:
     return parse_idx(_read_file(path), path)
 
 
-__all__ = ["DataError", "DATASETS", "EMNIST_SPLITS", "DatasetInfo", "DeviceData", "RawDataset",
+__all__ = ["DataError", "DATASETS", "content_sha256", "EMNIST_SPLITS", "DatasetInfo", "DeviceData", "RawDataset",
            "dataset_info", "download_dataset", "fold_indices", "load_dataset", "parse_idx",
            "read_idx_file", "subset_indices", "to_device", "write_idx"]

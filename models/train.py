@@ -36,8 +36,9 @@ import torch.nn.functional as F
 from . import registry
 from .backbones import BACKBONES
 from .augment import AugmentConfig, GPUAugment, NO_AUGMENT
-from .checkpoint import CheckpointError, atomic_save, atomic_write_text, load_checkpoint
-from .data import DataError, dataset_info, load_dataset, to_device
+from .checkpoint import (LATEST, CheckpointError, atomic_write_text, clean_temporaries,
+                         load_latest, write_checkpoint)
+from .data import DataError, content_sha256, dataset_info, load_dataset, to_device
 from .heads import BACKENDS
 from .optim import (OPTIMIZERS, SCHEDULES, lr_at, make_optimizer, quiet_capturable_warning,
                     restore_tensor_lr, set_lr)
@@ -109,10 +110,12 @@ class TrainConfig:
     plot: bool = True
 
 
-# Settings that may differ between a run and its resumption (they do not change the result).
+# Settings that may differ between a run and its resumption: they change neither the
+# computation nor the data (the data's digest is part of the fingerprint, so --data-root and
+# --no-verify may change as long as the files hold the same images and labels).
 RESUME_FREE = {"out", "resume", "checkpoint_every_steps", "checkpoint_every_epochs",
-               "stop_after_steps", "progress", "threads", "download", "verify", "plot", "seeds",
-               "eval_batch_size", "data_root", "cuda_graph", "compile", "channels_last"}
+               "stop_after_steps", "progress", "download", "verify", "plot", "seeds",
+               "data_root"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -390,7 +393,8 @@ class Trainer:
         self.label = label
         self.device = resolve_device(cfg, dist)
         self.cuda = self.device.type == "cuda"
-        self.ckpt_path = os.path.join(out_dir, "checkpoint.pt")
+        self.ckpt_path = os.path.join(out_dir, LATEST)
+        self.data_sha256 = content_sha256(raw)
         self._setup_precision()
         self._setup_data(raw)
         self._setup_model()
@@ -483,8 +487,14 @@ class Trainer:
                                  reset_fn=self._reset_after_failed_capture, log=self.log)
 
     def fingerprint(self) -> dict:
+        """What a checkpoint must have been written with to be resumed by this run: every
+        setting but the resume-free ones, with the effective device, precision and (on CPU,
+        where it changes the rounding of reductions) thread count, and the data's digest."""
         fp = {k: v for k, v in dataclasses.asdict(self.cfg).items() if k not in RESUME_FREE}
-        fp.update(seed=self.seed, fold=self.fold, world_size=self.dist.world)
+        fp.update(seed=self.seed, fold=self.fold, world_size=self.dist.world,
+                  device=self.device.type, amp=self.amp,
+                  threads=None if self.cuda else torch.get_num_threads(),
+                  data_sha256=self.data_sha256)
         return fp
 
     # -- the step --------------------------------------------------------------------------
@@ -567,7 +577,6 @@ class Trainer:
         rng = self.dist.gather_objects(self._rng_state())
         if self.dist.is_main:
             state = {
-                "format": 1,
                 "fingerprint": self.fingerprint(),
                 "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
                 "global_step": self.global_step,
@@ -581,14 +590,25 @@ class Trainer:
                 "normalization": {"mean": self.data.mean, "std": self.data.std},
                 "model_name": self.cfg.model, "num_classes": self.data.num_classes,
             }
-            atomic_save(state, self.ckpt_path)
+            write_checkpoint(state, self.ckpt_path)
         self.dist.barrier()
 
     def load_checkpoint(self) -> bool:
-        """Restore the state of ``checkpoint.pt`` if there is one; True if restored."""
-        if not os.path.isfile(self.ckpt_path):
+        """Restore the newest usable checkpoint of ``out_dir`` if there is one."""
+        state, path = load_latest(self.out_dir, self.fingerprint(), map_location=self.device,
+                                  log=self.log)
+        if state is None:
             return False
-        state = load_checkpoint(self.ckpt_path, self.fingerprint(), map_location=self.device)
+        try:
+            self._restore(state)
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"{path}: not a usable checkpoint of this run "
+                                  f"({type(e).__name__}: {e})") from None
+        self.log(f"resumed from {path} at epoch {self.epoch + 1}, step "
+                 f"{self.step_in_epoch}/{self.steps_per_epoch}")
+        return True
+
+    def _restore(self, state: dict) -> None:
         self.net.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])
         restore_tensor_lr(self.opt, self.device)
@@ -603,9 +623,6 @@ class Trainer:
         torch.set_rng_state(rng["cpu"].cpu())
         if self.cuda and "cuda" in rng:
             torch.cuda.set_rng_state(rng["cuda"].cpu(), self.device)
-        self.log(f"resumed from {self.ckpt_path} at epoch {self.epoch + 1}, step "
-                 f"{self.step_in_epoch}/{self.steps_per_epoch}")
-        return True
 
     # -- the loop --------------------------------------------------------------------------
     def _progress_bar(self, epoch: int):
@@ -624,6 +641,9 @@ class Trainer:
         cfg = self.cfg
         if self.dist.is_main:
             os.makedirs(self.out_dir, exist_ok=True)
+            for p in clean_temporaries(self.out_dir):
+                self.log(f"removed {p}, left by an interrupted write")
+        self.dist.barrier()
         if cfg.resume:
             if not self.load_checkpoint():
                 self.log(f"--resume: no checkpoint in {self.out_dir} yet, starting from scratch")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from models import optim as O
-from models.checkpoint import CheckpointError
+from models.checkpoint import CheckpointError, read_checkpoint
 from models.train import ConfigError, main, parse_args, run_all
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -55,27 +55,44 @@ def test_resume_is_bitwise_exact(tmp_path):
     """Stopped mid-epoch and resumed == uninterrupted: same weights, same accuracy.
 
     Augmentation and dropout (spinalkern's head and the CNN's Dropout2d) are on, so the
-    random number generators must be restored exactly too."""
+    random number generators must be restored exactly too.  The resumed run changes only
+    resume-free settings (another data folder holding the same files, another checkpoint
+    interval), and resumes from the previous checkpoint because the newest one is corrupt."""
     args = ["--model", "spinal-cnn-8", "--head-dropout", "0.2", "--backend", "torch",
             "--data", "mnist", "--epochs", "2", "--batch-size", "50", "--train-subset", "1000",
             "--test-subset", "500", "--no-plot", "--schedule", "cosine"]
     full = _run(tmp_path / "a", *args)
-    assert _run(tmp_path / "b", *args, "--stop-after-steps", "27") is None  # epoch 2, step 7
+    # 20 steps per epoch: checkpoints every 5 steps, and at the stop (step 27).
+    assert _run(tmp_path / "b", *args, "--stop-after-steps", "27",
+                "--checkpoint-every-steps", "5") is None
     with pytest.raises(CheckpointError, match="--resume"):
         _run(tmp_path / "b", *args)
-    resumed = _run(tmp_path / "b", *args, "--resume")
-    a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)
-    b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)
+    with pytest.raises(CheckpointError, match="threads: checkpoint has 1, this run has 2"):
+        _run(tmp_path / "b", *args, "--resume", "--threads", "2")
+    latest = tmp_path / "b" / "checkpoint.pt"
+    assert read_checkpoint(str(latest))["global_step"] == 27
+    blob = bytearray(latest.read_bytes())
+    blob[len(blob) // 2] ^= 0x01                      # somewhere in the stored tensors
+    latest.write_bytes(bytes(blob))
+    other_root = tmp_path / "data"
+    other_root.mkdir()
+    (other_root / "mnist").symlink_to(os.path.join(SHARED, "mnist"))
+    resumed = _run(tmp_path / "b", *args, "--resume", "--data-root", str(other_root),
+                   "--checkpoint-every-steps", "7")
+    assert read_checkpoint(str(tmp_path / "b" / "checkpoint.prev.pt"))["global_step"] == 35
+    assert (tmp_path / "b" / "checkpoint.pt.corrupt").exists()
+    a = read_checkpoint(str(tmp_path / "a" / "checkpoint.pt"))
+    b = read_checkpoint(str(latest))
     assert a["model"].keys() == b["model"].keys()
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
     assert full["test_accuracy"] == resumed["test_accuracy"]
     assert full["accuracy_per_epoch"] == resumed["accuracy_per_epoch"]
     hist_a = [json.loads(l) for l in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
-    hist_b = [json.loads(l) for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    hist_b = [json.loads(l) for l in (latest.parent / "metrics.jsonl").read_text().splitlines()]
     for ha, hb in zip(hist_a, hist_b):
         assert ha["train_loss"] == hb["train_loss"] and ha["eval_loss"] == hb["eval_loss"]
-    assert hist_b[1]["resumed_mid_epoch"] is True
+    assert [h["resumed_mid_epoch"] for h in hist_b] == [False, True]  # resumed at step 25
     # A checkpoint from another configuration is refused, naming the difference.
     with pytest.raises(CheckpointError, match="batch_size: checkpoint has 50, this run has 25"):
         _run(tmp_path / "b", *[a if a != "50" else "25" for a in args], "--resume")
@@ -111,29 +128,8 @@ def test_cpu_bf16_autocast_and_checkpoint_interval(tmp_path):
              "--epochs", "2", "--batch-size", "32", "--train-subset", "256", "--test-subset",
              "100", "--amp", "bf16", "--checkpoint-every-epochs", "0", "--no-plot")
     assert s["amp"] == "bf16" and s["epochs"] == 2 and s["params"] == 16_050
-    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    state = read_checkpoint(str(tmp_path / "checkpoint.pt"))
     assert state["epoch"] == 2          # the final checkpoint is always written
-
-
-def test_atomic_save_keeps_the_old_checkpoint(tmp_path, monkeypatch):
-    from models import checkpoint as C
-
-    path = tmp_path / "checkpoint.pt"
-    C.atomic_save({"v": 1}, str(path))
-
-    def broken_save(obj, f):
-        f.write(b"half a checkpoint")
-        raise KeyboardInterrupt("killed while writing")
-
-    monkeypatch.setattr(C.torch, "save", broken_save)
-    with pytest.raises(KeyboardInterrupt):
-        C.atomic_save({"v": 2}, str(path))
-    monkeypatch.undo()
-    assert torch.load(path)["v"] == 1
-    assert sorted(os.listdir(tmp_path)) == ["checkpoint.pt"]
-    with pytest.raises(CheckpointError, match="cannot read"):
-        (tmp_path / "bad.pt").write_bytes(b"garbage")
-        C.load_checkpoint(str(tmp_path / "bad.pt"), {})
 
 
 def test_lr_schedules():
