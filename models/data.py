@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import math
 import os
 import struct
 import urllib.request
@@ -71,7 +72,7 @@ def parse_idx(data: bytes, name: str = "<bytes>") -> np.ndarray:
         raise DataError(f"{name}: truncated IDX header")
     shape = struct.unpack(f">{ndim}I", data[4:header])
     dtype = _IDX_TYPES[type_code]
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    expected = math.prod(shape) * dtype.itemsize  # Python ints: no wrap-around
     got = len(data) - header
     if got != expected:
         raise DataError(
@@ -243,8 +244,11 @@ def _missing_message(root: str, info: DatasetInfo, missing) -> str:
 
 
 def _read_file(path: str) -> bytes:
-    with open(path, "rb") as f:
-        blob = f.read()
+    try:
+        with open(path, "rb") as f:
+            blob = f.read()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read the file ({e.strerror or e})") from None
     if path.endswith(".gz") or blob[:2] == b"\x1f\x8b":
         blob = _gunzip(blob, path)
     return blob
@@ -278,8 +282,18 @@ def _check_sha(info: DatasetInfo, fname: str, blob: bytes, where: str) -> None:
             f"official {info.name} file (pass verify=False / --no-verify to skip this check)")
 
 
+def _check_readable_folders(root: str, info: DatasetInfo) -> None:
+    """A folder we may not list hides its files: say so instead of "missing"."""
+    for folder in info.folders:
+        d = os.path.join(root, folder)
+        if os.path.isdir(d) and not os.access(d, os.R_OK | os.X_OK):
+            raise DataError(f"cannot read the folder {d} (permission denied): give read "
+                            "access to it, or pass another --data-root")
+
+
 def read_raw(root: str, info: DatasetInfo, verify: bool = True):
     """Read the four arrays (train images, train labels, test images, test labels)."""
+    _check_readable_folders(root, info)
     paths, missing = [], []
     for fname in info.files:
         found = next((p for p in _candidates(root, info, fname) if os.path.isfile(p)), None)
@@ -330,6 +344,8 @@ def _labels(arr: np.ndarray, where: str, info: DatasetInfo) -> torch.Tensor:
         arr = arr[:, info.label_column]
     if arr.ndim != 1:
         raise DataError(f"{where}: expected 1-d labels, got shape {arr.shape}")
+    if arr.dtype.kind not in "iu":
+        raise DataError(f"{where}: labels must be integers, but the IDX file stores {arr.dtype.name}")
     t = torch.from_numpy(arr.astype(np.int64)) - info.label_offset
     if t.numel() and (int(t.min()) < 0 or int(t.max()) >= info.num_classes):
         lo, hi = int(t.min()) + info.label_offset, int(t.max()) + info.label_offset

@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import gc
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -36,10 +37,10 @@ import torch.nn.functional as F
 from . import registry
 from .backbones import BACKBONES
 from .augment import AugmentConfig, GPUAugment, NO_AUGMENT
-from .checkpoint import (LATEST, CheckpointError, atomic_write_text, clean_temporaries,
-                         load_latest, write_checkpoint)
+from .checkpoint import (CORRUPT_SUFFIX, LATEST, PREVIOUS, CheckpointError, atomic_write_text,
+                         checkpoint_files, clean_temporaries, load_latest, write_checkpoint)
 from .data import DataError, content_sha256, dataset_info, load_dataset, to_device
-from .heads import BACKENDS
+from .heads import BACKENDS, make_head
 from .optim import (OPTIMIZERS, SCHEDULES, lr_at, make_optimizer, quiet_capturable_warning,
                     restore_tensor_lr, set_lr)
 
@@ -48,6 +49,15 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 class ConfigError(ValueError):
     """The command line asks for something impossible."""
+
+
+class TrainingDiverged(RuntimeError):
+    """The training loss stopped being finite."""
+
+
+# Files a run writes into its folder: never replaced without --resume (same run) or --overwrite.
+RUN_OUTPUTS = ("summary.json", "metrics.jsonl", "curves.png", LATEST, PREVIOUS,
+               LATEST + CORRUPT_SUFFIX)
 
 
 # ------------------------------------------------------------------------------------------
@@ -101,6 +111,8 @@ class TrainConfig:
     deterministic: bool = False
     # bookkeeping
     resume: bool = False
+    overwrite: bool = False
+    nonfinite_patience: int = 0        # consecutive steps with a NaN / inf loss before stopping
     checkpoint_every_steps: int = 0
     checkpoint_every_epochs: int = 1   # 0: only after the last epoch
     stop_after_steps: int = 0          # testing aid: save a checkpoint and stop at this step
@@ -113,9 +125,9 @@ class TrainConfig:
 # Settings that may differ between a run and its resumption: they change neither the
 # computation nor the data (the data's digest is part of the fingerprint, so --data-root and
 # --no-verify may change as long as the files hold the same images and labels).
-RESUME_FREE = {"out", "resume", "checkpoint_every_steps", "checkpoint_every_epochs",
-               "stop_after_steps", "progress", "download", "verify", "plot", "seeds",
-               "data_root"}
+RESUME_FREE = {"out", "resume", "overwrite", "checkpoint_every_steps",
+               "checkpoint_every_epochs", "stop_after_steps", "nonfinite_patience", "progress",
+               "download", "verify", "plot", "seeds", "data_root"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -172,6 +184,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--deterministic", action="store_true")
     g = p.add_argument_group("bookkeeping")
     g.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace the outputs of an earlier run in OUT")
+    g.add_argument("--nonfinite-patience", type=int, default=0,
+                   help="stop (exit 1) once the loss was NaN/inf in more than this many "
+                        "consecutive steps")
     g.add_argument("--checkpoint-every-steps", type=int, default=0,
                    help="also checkpoint every N steps inside an epoch (0: off)")
     g.add_argument("--checkpoint-every-epochs", type=int, default=1,
@@ -221,8 +238,21 @@ def _check_config(cfg: TrainConfig) -> None:
     need(cfg.test_subset is None or cfg.test_subset >= 1,
          f"--test-subset must be >= 1, got {cfg.test_subset}")
     need(cfg.folds == 0 or cfg.folds >= 2, f"--folds must be 0 (off) or >= 2, got {cfg.folds}")
-    need(cfg.lr > 0, f"--lr must be positive, got {cfg.lr}")
+    need(math.isfinite(cfg.lr) and cfg.lr > 0, f"--lr must be a positive number, got {cfg.lr}")
+    need(math.isfinite(cfg.gamma) and cfg.gamma > 0,
+         f"--gamma must be a positive number, got {cfg.gamma}")
+    need(math.isfinite(cfg.warmup_epochs) and cfg.warmup_epochs >= 0,
+         f"--warmup-epochs must be >= 0, got {cfg.warmup_epochs}")
+    need(0.0 <= cfg.momentum < 1.0, f"--momentum must be in [0, 1), got {cfg.momentum}")
+    need(cfg.weight_decay is None or (math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0),
+         f"--weight-decay must be >= 0, got {cfg.weight_decay}")
+    need(all(m >= 0 for m in cfg.milestones), f"--milestones must be >= 0, got {cfg.milestones}")
     need(0.0 <= cfg.label_smoothing < 1.0, "--label-smoothing must be in [0, 1)")
+    need(cfg.nonfinite_patience >= 0,
+         f"--nonfinite-patience must be >= 0, got {cfg.nonfinite_patience}")
+    need(len(set(cfg.seeds)) == len(cfg.seeds), f"--seeds has repeats: {cfg.seeds}")
+    need(not (cfg.resume and cfg.overwrite), "--resume and --overwrite exclude each other")
+    _check_out_folder(cfg.out)
     need(min(cfg.checkpoint_every_steps, cfg.checkpoint_every_epochs, cfg.stop_after_steps) >= 0,
          "--checkpoint-every-steps / --checkpoint-every-epochs / --stop-after-steps must be >= 0")
     need(cfg.threads is None or cfg.threads >= 1, "--threads must be >= 1")
@@ -235,6 +265,46 @@ def _check_config(cfg: TrainConfig) -> None:
     need(cuda or cfg.amp != "fp16", "--amp fp16 needs CUDA (on CPU use --amp bf16 or off)")
     need(cuda or cfg.cuda_graph != "on", "--cuda-graph on needs --device cuda")
     augment_config(cfg).validate()
+    if head.kind in ("spinal", "progressive"):
+        device = resolve_device(cfg, Dist())
+        with torch.random.fork_rng(devices=[]):  # building the head draws its initial weights
+            probe = make_head(head, BACKBONES[backbone].out_features,
+                              dataset_info(cfg.data).num_classes, cfg.backend)
+        check_head_runs(probe, device, amp_dtype(cfg, device), cfg.backend)
+
+
+def _check_out_folder(out: str) -> None:
+    """--out must be a folder or a path that can become one (no file on the way)."""
+    path = os.path.abspath(out)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        raise ConfigError(f"--out {out!r}: {path} is a file, not a folder")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {out!r}: cannot write into {path} (permission denied)")
+
+
+def check_head_runs(head: torch.nn.Module, device: torch.device, dtype, backend: str) -> None:
+    """Run ``head``'s kernels once, forward and backward, on two rows: a backend that cannot
+    run this head (unavailable here, or sizes it does not support) fails now with its own
+    message rather than at the first training step.  Uses no random numbers (eval mode)."""
+    head = head.to(device).eval()
+    x = torch.linspace(-1.0, 1.0, 2 * head.spec.D, device=device).view(2, -1).requires_grad_()
+    try:
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            y = head(x)
+        torch.autograd.grad(y.float().sum(), [x, *head.parameters()], allow_unused=True)
+    except (RuntimeError, ValueError, TypeError, NotImplementedError) as e:
+        raise ConfigError(f"--backend {backend} cannot run this {type(head).__name__} on "
+                          f"{device}: {e}") from None
+
+
+def amp_dtype(cfg: TrainConfig, device: torch.device):
+    """The autocast dtype of the run (None: no autocast)."""
+    amp = cfg.amp
+    if amp == "auto":
+        amp = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "off"
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
 
 
 def augment_config(cfg: TrainConfig) -> AugmentConfig:
@@ -279,6 +349,11 @@ class Dist:
     def sum_(self, t: torch.Tensor) -> torch.Tensor:
         if self.enabled:
             torch.distributed.all_reduce(t)
+        return t
+
+    def max_(self, t: torch.Tensor) -> torch.Tensor:
+        if self.enabled:
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
         return t
 
     def gather_objects(self, obj) -> list:
@@ -380,6 +455,22 @@ def git_info() -> tuple[str | None, bool | None]:
         return None, None
 
 
+CHECK_FINITE_EVERY = 20  # steps between checks for a NaN / inf loss (each is a host sync)
+
+
+def strict_json(obj, **kw) -> str:
+    """JSON without the NaN / Infinity tokens that strict readers reject: those become null."""
+    def clean(o):
+        if isinstance(o, float) and not math.isfinite(o):
+            return None
+        if isinstance(o, dict):
+            return {k: clean(v) for k, v in o.items()}
+        if isinstance(o, (list, tuple)):
+            return [clean(v) for v in o]
+        return o
+    return json.dumps(clean(obj), allow_nan=False, **kw)
+
+
 def _fmt_time(s: float) -> str:
     return f"{s:.1f}s" if s < 120 else f"{s / 60:.1f}min"
 
@@ -408,11 +499,8 @@ class Trainer:
 
     def _setup_precision(self) -> None:
         cfg = self.cfg
-        amp = cfg.amp
-        if amp == "auto":
-            amp = "bf16" if self.cuda and torch.cuda.is_bf16_supported() else "off"
-        self.amp = amp
-        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+        self.amp_dtype = amp_dtype(cfg, self.device)
+        self.amp = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "off"}[self.amp_dtype]
         self.use_graph = self.cuda and cfg.cuda_graph != "off"
         self.channels_last = cfg.channels_last == "on" or (cfg.channels_last == "auto"
                                                            and self.cuda)
@@ -479,6 +567,8 @@ class Trainer:
         self.idx = torch.zeros(self.local_batch, dtype=torch.long, device=self.device)
         self.loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
         self.correct_sum = torch.zeros((), dtype=torch.int64, device=self.device)
+        # Steps with a NaN / inf loss: [in this epoch, consecutive now, longest run so far].
+        self.nonfinite = torch.zeros(3, dtype=torch.int64, device=self.device)
         # Different ranks draw different augmentations and dropout masks.
         if dist.enabled:
             torch.manual_seed(self.seed * 1000 + dist.rank)
@@ -521,8 +611,25 @@ class Trainer:
             loss.backward()
             self.opt.step()
         with torch.no_grad():
-            self.loss_sum.add_(loss.detach() * y.shape[0])
+            loss = loss.detach()
+            bad = (~torch.isfinite(loss)).long()
+            self.loss_sum.add_(loss.nan_to_num(0.0, 0.0, 0.0) * y.shape[0])
             self.correct_sum.add_((logits.detach().argmax(1) == y).sum())
+            self.nonfinite[0].add_(bad)
+            self.nonfinite[1].mul_(bad).add_(bad)
+            torch.maximum(self.nonfinite[2], self.nonfinite[1], out=self.nonfinite[2])
+
+    def check_finite(self, lr: float) -> None:
+        """Stop the run (on every rank) once the loss was NaN / inf in more than
+        ``--nonfinite-patience`` consecutive steps.  A host sync: called now and then."""
+        worst = int(self.dist.max_(self.nonfinite[2].clone()))
+        if worst > self.cfg.nonfinite_patience:
+            raise TrainingDiverged(
+                f"the training loss was NaN or infinite in {worst} consecutive step(s), more "
+                f"than --nonfinite-patience {self.cfg.nonfinite_patience}: the run diverged "
+                f"and was stopped at step {self.global_step} (epoch {self.epoch + 1}, lr "
+                f"{lr:.3g}). Lower --lr or check the schedule; nothing after the last "
+                "checkpoint was saved")
 
     def _reset_after_failed_capture(self) -> None:
         self.opt.zero_grad(set_to_none=True)
@@ -573,7 +680,8 @@ class Trainer:
             st["cuda"] = torch.cuda.get_rng_state(self.device)
         return st
 
-    def save_checkpoint(self) -> None:
+    def save_checkpoint(self, lr: float) -> None:
+        self.check_finite(lr)  # never save the state of a diverged run
         rng = self.dist.gather_objects(self._rng_state())
         if self.dist.is_main:
             state = {
@@ -584,7 +692,8 @@ class Trainer:
                 "optimizer": self.opt.state_dict(),
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                 "accumulators": {"loss_sum": self.loss_sum.item(),
-                                 "correct_sum": int(self.correct_sum.item())},
+                                 "correct_sum": int(self.correct_sum.item()),
+                                 "nonfinite": self.nonfinite.tolist()},
                 "history": self.history,
                 "rng": rng,
                 "normalization": {"mean": self.data.mean, "std": self.data.std},
@@ -618,6 +727,7 @@ class Trainer:
         self.global_step = state["global_step"]
         self.loss_sum.fill_(state["accumulators"]["loss_sum"])
         self.correct_sum.fill_(state["accumulators"]["correct_sum"])
+        self.nonfinite.copy_(torch.tensor(state["accumulators"]["nonfinite"]))
         self.history = state["history"]
         rng = state["rng"][self.dist.rank]
         torch.set_rng_state(rng["cpu"].cpu())
@@ -644,12 +754,8 @@ class Trainer:
             for p in clean_temporaries(self.out_dir):
                 self.log(f"removed {p}, left by an interrupted write")
         self.dist.barrier()
-        if cfg.resume:
-            if not self.load_checkpoint():
-                self.log(f"--resume: no checkpoint in {self.out_dir} yet, starting from scratch")
-        elif os.path.isfile(self.ckpt_path):
-            raise CheckpointError(f"{self.ckpt_path} exists: pass --resume to continue that run, "
-                                  "or choose another --out")
+        if cfg.resume and not self.load_checkpoint():
+            self.log(f"--resume: no checkpoint in {self.out_dir} yet, starting from scratch")
         self.dist.barrier()
         if self.cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -668,6 +774,7 @@ class Trainer:
             if self.step_in_epoch == 0:
                 self.loss_sum.zero_()
                 self.correct_sum.zero_()
+                self.nonfinite[0].zero_()
             start_step = self.step_in_epoch
             t0 = time.perf_counter()
             lr = cfg.lr
@@ -680,6 +787,8 @@ class Trainer:
                 self.runner()
                 self.global_step += 1
                 self.step_in_epoch = s + 1
+                if self.global_step % CHECK_FINITE_EVERY == 0:
+                    self.check_finite(lr)
                 if bar is not None:
                     bar.update(cfg.batch_size)
                     if (s + 1) % 100 == 0:  # a host sync: only now and then
@@ -689,7 +798,7 @@ class Trainer:
                 if stop or (cfg.checkpoint_every_steps
                             and self.global_step % cfg.checkpoint_every_steps == 0
                             and s + 1 < self.steps_per_epoch):
-                    self.save_checkpoint()
+                    self.save_checkpoint(lr)
                 if stop:
                     if bar is not None:
                         bar.close()
@@ -701,26 +810,29 @@ class Trainer:
             train_time = time.perf_counter() - t0
             if bar is not None:
                 bar.close()
+            self.check_finite(lr)
             self._end_epoch(epoch, start_step, train_time, lr)
         return self.finish()
 
     def _end_epoch(self, epoch: int, start_step: int, train_time: float, lr: float) -> None:
-        stats = torch.stack([self.loss_sum.double(), self.correct_sum.double()])
+        stats = torch.stack([self.loss_sum.double(), self.correct_sum.double(),
+                             self.nonfinite[0].double()])
         self.dist.sum_(stats)
         n_train = self.steps_per_epoch * self.cfg.batch_size
+        n_finite = n_train - int(stats[2]) * self.local_batch
         images = (self.steps_per_epoch - start_step) * self.cfg.batch_size
         t_eval = time.perf_counter()
         eval_loss, eval_acc = self.evaluate(self.data.eval_x, self.data.eval_y)
         eval_time = time.perf_counter() - t_eval
         rec = {
             "epoch": epoch + 1,
-            "train_loss": float(stats[0]) / n_train,
+            "train_loss": float(stats[0]) / n_finite if n_finite else float("nan"),
             "train_accuracy": 100.0 * float(stats[1]) / n_train,
             "eval_loss": eval_loss, "eval_accuracy": eval_acc,
             "lr": lr, "epoch_time_s": train_time, "eval_time_s": eval_time,
             "images_per_s": images / max(train_time, 1e-9),
             "images_timed": images, "resumed_mid_epoch": start_step > 0,
-            "cuda_graph": self.runner.captured,
+            "cuda_graph": self.runner.captured, "nonfinite_steps": int(stats[2]),
         }
         self.history.append(rec)
         self.epoch, self.step_in_epoch = epoch + 1, 0
@@ -729,11 +841,11 @@ class Trainer:
                  f"acc {eval_acc:.2f}%  {_fmt_time(train_time)} "
                  f"{rec['images_per_s']:,.0f} img/s  lr {lr:.3g}")
         if self.dist.is_main:
-            lines = "".join(json.dumps(h) + "\n" for h in self.history)
+            lines = "".join(strict_json(h) + "\n" for h in self.history)
             atomic_write_text(lines, os.path.join(self.out_dir, "metrics.jsonl"))
         every = self.cfg.checkpoint_every_epochs
         if self.epoch == self.cfg.epochs or (every and self.epoch % every == 0):
-            self.save_checkpoint()
+            self.save_checkpoint(lr)
 
     def finish(self) -> dict:
         """Final evaluation numbers, summary.json and the learning-curve plot."""
@@ -782,7 +894,7 @@ class Trainer:
         if self.dist.enabled:
             summary["ddp_params_in_sync"] = self._params_in_sync()
         if self.dist.is_main:
-            atomic_write_text(json.dumps(summary, indent=2) + "\n",
+            atomic_write_text(strict_json(summary, indent=2) + "\n",
                               os.path.join(self.out_dir, "summary.json"))
             if cfg.plot:
                 from .plots import plot_history
@@ -823,16 +935,17 @@ def run_all(cfg: TrainConfig) -> dict | None:
         torch.set_num_threads(cfg.threads)
     elif dist.enabled and device.type == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // dist.local_world))
+    seeds = cfg.seeds or [cfg.seed]
+    folds = list(range(cfg.folds)) if cfg.folds else [None]
+    runs = [(s, f, f"seed{s}" + (f"-fold{f}" if f is not None else "")) for s in seeds
+            for f in folds]
+    run_dirs = [cfg.out] if len(runs) == 1 else [os.path.join(cfg.out, r[2]) for r in runs]
+    claim_out_folders(cfg, run_dirs, dist)
     dist.init(device)
     try:
         raw = load_dataset(cfg.data, cfg.data_root, download=cfg.download, verify=cfg.verify)
-        seeds = cfg.seeds or [cfg.seed]
-        folds = list(range(cfg.folds)) if cfg.folds else [None]
-        runs = [(s, f) for s in seeds for f in folds]
         results, labels = [], []
-        for seed, fold in runs:
-            label = f"seed{seed}" + (f"-fold{fold}" if fold is not None else "")
-            out_dir = cfg.out if len(runs) == 1 else os.path.join(cfg.out, label)
+        for (seed, fold, label), out_dir in zip(runs, run_dirs):
             trainer = Trainer(cfg, raw, seed, fold, out_dir, dist,
                               label=label if len(runs) > 1 else "")
             summary = trainer.run()
@@ -851,6 +964,39 @@ def run_all(cfg: TrainConfig) -> dict | None:
         dist.close()
 
 
+def claim_out_folders(cfg: TrainConfig, run_dirs: list[str], dist: Dist) -> None:
+    """Refuse to replace another run's outputs; with --overwrite remove them first.
+
+    With --resume a run folder may hold outputs only if it holds a checkpoint to continue
+    from (the same run); the top folder of several runs holds their aggregate, which is
+    rewritten when any of them is resumed.
+    """
+    folders = run_dirs if run_dirs == [cfg.out] else [cfg.out, *run_dirs]
+    found = {d: [f for f in RUN_OUTPUTS if os.path.isfile(os.path.join(d, f))] for d in folders}
+    taken = {d: fs for d, fs in found.items() if fs}
+    if not taken:
+        return
+    if cfg.overwrite:
+        if dist.is_main:
+            for d, fs in taken.items():
+                for f in fs:
+                    os.remove(os.path.join(d, f))
+                print(f"--overwrite: removed {', '.join(fs)} from {d}", flush=True)
+        return
+    resumable = {d for d in run_dirs if checkpoint_files(d)}
+    if cfg.resume and resumable:
+        taken = {d: fs for d, fs in taken.items()
+                 if d not in resumable and not (d == cfg.out and d not in run_dirs)}
+        if not taken:
+            return
+    d, fs = next(iter(taken.items()))
+    hint = ("it has no checkpoint to resume from" if cfg.resume else
+            "pass --resume to continue that run" if d in resumable else
+            "that run has no checkpoint to resume from")
+    raise ConfigError(f"{d} holds the outputs of another run ({', '.join(fs)}): {hint}; pass "
+                      "--overwrite to replace them, or choose another --out")
+
+
 def _aggregate(cfg: TrainConfig, results, labels, dist: Dist) -> dict:
     sums = [s for s, _ in results]
     top = {"model": cfg.model, "data": sums[0]["data"], "runs": len(sums), "labels": labels,
@@ -867,7 +1013,7 @@ def _aggregate(cfg: TrainConfig, results, labels, dist: Dist) -> dict:
                epoch_times_s=[s["epoch_times_s"] for s in sums], config=dataclasses.asdict(cfg),
                git_commit=sums[0]["git_commit"], git_dirty=sums[0]["git_dirty"])
     if dist.is_main:
-        atomic_write_text(json.dumps(top, indent=2) + "\n", os.path.join(cfg.out, "summary.json"))
+        atomic_write_text(strict_json(top, indent=2) + "\n", os.path.join(cfg.out, "summary.json"))
         if cfg.plot:
             from .plots import plot_runs
 
@@ -885,6 +1031,9 @@ def main(argv=None) -> int:
     except (ConfigError, DataError, CheckpointError) as e:
         print(f"models.train: error: {e}", file=sys.stderr, flush=True)
         return 2
+    except TrainingDiverged as e:
+        print(f"models.train: error: {e}", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 

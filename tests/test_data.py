@@ -6,6 +6,7 @@ import hashlib
 import io
 import os
 import shutil
+import struct
 import urllib.request
 import zipfile
 
@@ -195,6 +196,51 @@ def test_inconsistent_files(tmp_path):
         D.load_dataset("kmnist", str(tmp_path))
     D.write_idx(str(folder / (files[1] + ".gz")), np.zeros((12, 2), np.uint8))
     with pytest.raises(D.DataError, match="1-d labels"):
+        D.load_dataset("kmnist", str(tmp_path))
+
+
+def test_float_labels_are_rejected(tmp_path):
+    """IDX can store floats; 3.7 must not silently become class 3."""
+    files = D.dataset_info("kmnist").files
+    folder = tmp_path / "kmnist"
+    _write_set(str(folder), files)
+    D.write_idx(str(folder / (files[1] + ".gz")), np.full(12, 3.7, ">f4"))
+    with pytest.raises(D.DataError, match="labels must be integers.*float32"):
+        D.load_dataset("kmnist", str(tmp_path))
+
+
+def test_header_size_product_that_wraps():
+    """Four sizes of 2**16: their product wraps to 0 in 64 bits; the error names the file."""
+    blob = struct.pack(">HBB4I", 0, 0x08, 4, *[1 << 16] * 4)
+    with pytest.raises(D.DataError, match="x-idx4-ubyte: IDX header says shape.*truncated"):
+        D.parse_idx(blob, "x-idx4-ubyte")
+
+
+def test_unreadable_folder_and_file(tmp_path, monkeypatch):
+    """Reported as unreadable, not as missing.  (Permissions are simulated as well as set,
+    since they do not bind the root user.)"""
+    files = D.dataset_info("kmnist").files
+    folder = tmp_path / "kmnist"
+    _write_set(str(folder), files)
+    real_access, real_open = os.access, open
+    folder.chmod(0)
+    try:
+        monkeypatch.setattr(D.os, "access", lambda p, mode: (
+            os.path.abspath(p) != str(folder) and real_access(p, mode)))
+        with pytest.raises(D.DataError, match="cannot read the folder .*kmnist.*permission"):
+            D.load_dataset("kmnist", str(tmp_path))
+    finally:
+        folder.chmod(0o755)
+    monkeypatch.undo()
+    image_file = str(folder / (files[0] + ".gz"))
+
+    def denied(path, *a, **k):
+        if os.path.abspath(path) == image_file:
+            raise PermissionError(13, "Permission denied", path)
+        return real_open(path, *a, **k)
+
+    monkeypatch.setattr(D, "open", denied, raising=False)
+    with pytest.raises(D.DataError, match="cannot read the file.*Permission denied"):
         D.load_dataset("kmnist", str(tmp_path))
 
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 
 from models import optim as O
-from models.checkpoint import CheckpointError, read_checkpoint
+from models.checkpoint import CheckpointError, read_checkpoint, write_checkpoint
+from models.data import write_idx
 from models.train import ConfigError, main, parse_args, run_all
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -27,6 +29,32 @@ def _keep_threads():
 
 def _run(tmp_path, *args):
     return run_all(parse_args([*CPU, "--out", str(tmp_path), *args]))
+
+
+@pytest.fixture(scope="module")
+def tiny_root(tmp_path_factory):
+    """Random images and labels in MNIST's file layout: 200 train, 100 test (--no-verify)."""
+    root = tmp_path_factory.mktemp("tiny")
+    rng = np.random.default_rng(0)
+    (root / "mnist").mkdir()
+    for prefix, n in (("train", 200), ("t10k", 100)):
+        write_idx(str(root / "mnist" / f"{prefix}-images-idx3-ubyte"),
+                  rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
+        write_idx(str(root / "mnist" / f"{prefix}-labels-idx1-ubyte"),
+                  rng.integers(0, 10, n, dtype=np.uint8))
+    return root
+
+
+def _tiny(root, out, *args):
+    """The command line of a one-second run on ``tiny_root``."""
+    return [*CPU, "--data-root", str(root), "--no-verify", "--out", str(out), "--model",
+            "cnn-fc", "--epochs", "2", "--batch-size", "50", "--no-augment", "--no-plot", *args]
+
+
+def _strict_json(text: str):
+    def no_constants(name):
+        raise ValueError(f"{name} is not JSON")
+    return json.loads(text, parse_constant=no_constants)
 
 
 @needs_mnist
@@ -65,7 +93,7 @@ def test_resume_is_bitwise_exact(tmp_path):
     # 20 steps per epoch: checkpoints every 5 steps, and at the stop (step 27).
     assert _run(tmp_path / "b", *args, "--stop-after-steps", "27",
                 "--checkpoint-every-steps", "5") is None
-    with pytest.raises(CheckpointError, match="--resume"):
+    with pytest.raises(ConfigError, match="--resume"):
         _run(tmp_path / "b", *args)
     with pytest.raises(CheckpointError, match="threads: checkpoint has 1, this run has 2"):
         _run(tmp_path / "b", *args, "--resume", "--threads", "2")
@@ -168,10 +196,34 @@ def test_set_lr_in_place_for_tensor_lr():
     (["--amp", "fp16"], "fp16 needs CUDA"),
     (["--cuda-graph", "on"], "needs --device cuda"),
     (["--rotation", "-5"], "rotation"),
+    (["--lr", "inf"], "--lr must be a positive number"),
+    (["--lr", "nan"], "--lr must be a positive number"),
+    (["--gamma", "nan"], "--gamma"),
+    (["--warmup-epochs", "-2"], "--warmup-epochs"),
+    (["--momentum", "-1"], "--momentum"),
+    (["--weight-decay", "-1"], "--weight-decay"),
+    (["--head-dropout", "nan"], "dropout"),
+    (["--seeds", "1", "1"], "--seeds has repeats"),
+    (["--nonfinite-patience", "-1"], "--nonfinite-patience"),
+    (["--resume", "--overwrite"], "exclude each other"),
+    (["--head-layers", "100", "--backend", "cuda"], "at most 64 hidden layers"),
 ])
 def test_config_errors(tmp_path, args, match):
+    """Caught before any data is read or any step is taken; the CLI exits 2 with the message."""
     with pytest.raises(ConfigError, match=match):
         _run(tmp_path, *args)
+
+
+def test_cli_errors_name_the_problem(tmp_path, monkeypatch, capsys):
+    (tmp_path / "a-file").write_text("")
+    assert main([*CPU, "--out", str(tmp_path / "a-file" / "run")]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    assert main([*CPU, "--out", str(tmp_path / "a-file")]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    # Triton on CPU needs its interpreter (TRITON_INTERPRET=1, which the tests set).
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert main([*CPU, "--out", str(tmp_path / "r"), "--backend", "triton"]) == 2
+    assert "--backend triton cannot run" in capsys.readouterr().err
 
 
 @needs_mnist
@@ -230,3 +282,64 @@ def test_cuda_compile(tmp_path):
     s = _run(tmp_path, "--device", "cuda", "--model", "spinal-cnn-8", "--data", "mnist",
              "--epochs", "1", "--batch-size", "256", "--train-subset", "8192", "--compile")
     assert s["test_accuracy"] > 50
+
+
+# -- runs that fail, and outputs that stay someone else's ---------------------------------------
+def test_nonfinite_loss_stops_the_run(tmp_path, tiny_root, capsys):
+    out = tmp_path / "run"
+    assert main(_tiny(tiny_root, out, "--optimizer", "sgd", "--lr", "1e30")) == 1
+    err = capsys.readouterr().err
+    assert "NaN or infinite" in err and "diverged" in err and "--nonfinite-patience 0" in err
+    assert not (out / "summary.json").exists() and not (out / "checkpoint.pt").exists()
+
+
+def test_nonfinite_patience_and_strict_json(tmp_path, tiny_root):
+    out = tmp_path / "run"
+    assert main(_tiny(tiny_root, out, "--optimizer", "sgd", "--lr", "1e30",
+                      "--nonfinite-patience", "1000")) == 0
+    history = [_strict_json(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    summary = _strict_json((out / "summary.json").read_text())
+    assert [h["nonfinite_steps"] for h in history] == [3, 4]    # all but the first step
+    assert history[1]["train_loss"] is None and history[1]["eval_loss"] is None
+    assert summary["test_loss"] is None and summary["epochs"] == 2
+
+
+def test_outputs_are_never_overwritten(tmp_path, tiny_root):
+    out = tmp_path / "run"
+    assert main(_tiny(tiny_root, out)) == 0
+    with pytest.raises(ConfigError, match="holds the outputs of another run.*--resume"):
+        run_all(parse_args(_tiny(tiny_root, out)))
+    (out / "checkpoint.pt").unlink()
+    (out / "checkpoint.prev.pt").unlink()
+    with pytest.raises(ConfigError, match=r"summary.json.*no checkpoint.*--overwrite"):
+        run_all(parse_args(_tiny(tiny_root, out)))
+    with pytest.raises(ConfigError, match="it has no checkpoint to resume from"):
+        run_all(parse_args(_tiny(tiny_root, out, "--resume")))
+    old = os.umask(0o022)
+    try:
+        run_all(parse_args(_tiny(tiny_root, out, "--overwrite", "--epochs", "1")))
+    finally:
+        os.umask(old)
+    assert json.loads((out / "summary.json").read_text())["epochs"] == 1
+    for name in ("summary.json", "metrics.jsonl", "checkpoint.pt"):
+        assert (out / name).stat().st_mode & 0o777 == 0o644, name
+    # Several runs: every run folder is checked before the first one starts.
+    many = tmp_path / "many"
+    assert main(_tiny(tiny_root, many / "seed2", "--epochs", "1")) == 0
+    with pytest.raises(ConfigError, match="seed2 holds the outputs"):
+        run_all(parse_args(_tiny(tiny_root, many, "--seeds", "1", "2")))
+    assert not (many / "seed1").exists()
+
+
+def test_malformed_checkpoint_is_a_cli_error(tmp_path, tiny_root, capsys):
+    out = tmp_path / "run"
+    assert main(_tiny(tiny_root, out, "--stop-after-steps", "3")) == 0
+    state = read_checkpoint(str(out / "checkpoint.pt"))
+    del state["optimizer"]
+    write_checkpoint(state, str(out / "checkpoint.pt"))   # verifies, but cannot be resumed
+    assert main(_tiny(tiny_root, out, "--resume")) == 2
+    assert "not a usable checkpoint" in capsys.readouterr().err
+    (out / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    (out / "checkpoint.prev.pt").unlink()
+    assert main(_tiny(tiny_root, out, "--resume")) == 2
+    assert "no usable checkpoint" in capsys.readouterr().err
