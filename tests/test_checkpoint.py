@@ -7,8 +7,8 @@ import pathlib
 import pytest
 import torch
 
-from models import checkpoint as C
-from models.checkpoint import CheckpointError
+from models.training import checkpoint as C
+from models.training.checkpoint import CheckpointError
 
 
 def _state(v: float = 1.0) -> dict:

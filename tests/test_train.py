@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from models import optim as O
-from models.checkpoint import CheckpointError, read_checkpoint, write_checkpoint
-from models.data import write_idx
-from models.train import ConfigError, main, parse_args, run_all
+from models.training import optim as O
+from models.training.checkpoint import CheckpointError, read_checkpoint, write_checkpoint
+from models.training.cli import main, parse_args
+from models.training.config import ConfigError
+from models.training.datasets import write_idx
+from models.training.runs import run_all
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.environ.get("SPINALKERN_DATA", os.path.join(REPO, "..", "shared", "data"))
@@ -184,64 +186,6 @@ def test_set_lr_in_place_for_tensor_lr():
     opt2 = torch.optim.SGD([p], lr=0.1)
     O.set_lr(opt2, 0.2)
     assert opt2.param_groups[0]["lr"] == 0.2
-
-
-@pytest.mark.parametrize("args,match", [
-    (["--model", "alexnet"], "unknown model"),
-    (["--data", "cifar10"], "unknown data set"),
-    (["--epochs", "0"], "--epochs"),
-    (["--batch-size", "0"], "--batch-size"),
-    (["--folds", "1"], "--folds"),
-    (["--model", "spinal-vgg5", "--head-splits", "3"], "cannot be split"),
-    (["--amp", "fp16"], "fp16 needs CUDA"),
-    (["--cuda-graph", "on"], "needs --device cuda"),
-    (["--rotation", "-5"], "rotation"),
-    (["--lr", "inf"], "--lr must be a positive number"),
-    (["--lr", "nan"], "--lr must be a positive number"),
-    (["--gamma", "nan"], "--gamma"),
-    (["--warmup-epochs", "-2"], "--warmup-epochs"),
-    (["--momentum", "-1"], "--momentum"),
-    (["--weight-decay", "-1"], "--weight-decay"),
-    (["--head-dropout", "nan"], "dropout"),
-    (["--seeds", "1", "1"], "--seeds has repeats"),
-    (["--nonfinite-patience", "-1"], "--nonfinite-patience"),
-    (["--resume", "--overwrite"], "exclude each other"),
-    (["--head-layers", "100", "--backend", "cuda"], "at most 64 hidden layers"),
-])
-def test_config_errors(tmp_path, args, match):
-    """Caught before any data is read or any step is taken; the CLI exits 2 with the message."""
-    with pytest.raises(ConfigError, match=match):
-        _run(tmp_path, *args)
-
-
-def test_cli_errors_name_the_problem(tmp_path, monkeypatch, capsys):
-    (tmp_path / "a-file").write_text("")
-    assert main([*CPU, "--out", str(tmp_path / "a-file" / "run")]) == 2
-    assert "is a file, not a folder" in capsys.readouterr().err
-    assert main([*CPU, "--out", str(tmp_path / "a-file")]) == 2
-    assert "is a file, not a folder" in capsys.readouterr().err
-    # Triton on CPU needs its interpreter (TRITON_INTERPRET=1, which the tests set).
-    monkeypatch.delenv("TRITON_INTERPRET")
-    assert main([*CPU, "--out", str(tmp_path / "r"), "--backend", "triton"]) == 2
-    assert "--backend triton cannot run" in capsys.readouterr().err
-
-
-@needs_mnist
-def test_impossible_sizes_and_exit_code(tmp_path, capsys):
-    with pytest.raises(ConfigError, match="larger than the 100 training images"):
-        _run(tmp_path, "--train-subset", "100", "--batch-size", "128")
-    with pytest.raises(ConfigError, match="--train-subset 70000 is impossible"):
-        _run(tmp_path, "--train-subset", "70000")
-    rc = main([*CPU, "--out", str(tmp_path), "--data", "kmnist"])
-    assert rc == 2
-    err = capsys.readouterr().err
-    assert "kmnist" in err and "KMNIST/raw" in err and "train-images-idx3-ubyte" in err
-
-
-def test_batch_must_split_over_processes(tmp_path, monkeypatch):
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(ConfigError, match="not divisible by the 2 processes"):
-        _run(tmp_path, "--batch-size", "63")
 
 
 # -- GPU paths (run where CUDA is available) ----------------------------------------------------

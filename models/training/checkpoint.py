@@ -13,9 +13,13 @@ verified; only then does the current ``checkpoint.pt`` become ``checkpoint.prev.
 new file take its name.  A run killed at any moment leaves at least one verified checkpoint.
 Reading (:func:`load_latest`) takes ``checkpoint.pt`` and falls back to ``checkpoint.prev.pt``,
 saying why, when the newest one is missing or fails verification.
+
+What a training run's checkpoint holds, and the fingerprint that decides whether a run may
+resume from it, are at the end (:func:`save_run`, :func:`resume_run`).
 """
 from __future__ import annotations
 
+import dataclasses
 import glob
 import hashlib
 import os
@@ -227,3 +231,81 @@ def load_latest(folder: str, fingerprint: dict, map_location="cpu", log=print):
             + ". Start the run again with --overwrite, or choose another --out.")
     return None, None
 
+
+
+# ------------------------------------------------------------------------------------------
+# A training run's checkpoint: what it holds, and how a Trainer is restored from it
+# ------------------------------------------------------------------------------------------
+def run_fingerprint(tr) -> dict:
+    """What a checkpoint must have been written with to be resumed by the Trainer ``tr``:
+    every setting but the resume-free ones, with the effective device, precision and (on
+    CPU, where it changes how reductions round) thread count, and the data's digest."""
+    from .config import RESUME_FREE
+
+    fp = {k: v for k, v in dataclasses.asdict(tr.cfg).items() if k not in RESUME_FREE}
+    fp.update(seed=tr.seed, fold=tr.fold, world_size=tr.dist.world, device=tr.device.type,
+              amp=tr.amp, threads=None if tr.cuda else torch.get_num_threads(),
+              data_sha256=tr.data_sha256)
+    return fp
+
+
+def save_run(tr) -> None:
+    """Checkpoint the Trainer ``tr`` (every rank's random number generators included)."""
+    rng = {"cpu": torch.get_rng_state()}
+    if tr.cuda:
+        rng["cuda"] = torch.cuda.get_rng_state(tr.device)
+    rngs = tr.dist.gather_objects(rng)
+    if tr.dist.is_main:
+        write_checkpoint({
+            "fingerprint": run_fingerprint(tr),
+            "epoch": tr.epoch, "step_in_epoch": tr.step_in_epoch, "global_step": tr.global_step,
+            "model": tr.net.state_dict(),
+            "optimizer": tr.opt.state_dict(),
+            "scaler": tr.scaler.state_dict() if tr.scaler is not None else None,
+            "accumulators": {"loss_sum": tr.loss_sum.item(),
+                             "correct_sum": int(tr.correct_sum.item()),
+                             "nonfinite": tr.nonfinite.tolist()},
+            "history": tr.history,
+            "rng": rngs,
+            "normalization": {"mean": tr.data.mean, "std": tr.data.std},
+            "model_name": tr.cfg.model, "num_classes": tr.data.num_classes,
+        }, tr.ckpt_path)
+    tr.dist.barrier()
+
+
+def resume_run(tr) -> bool:
+    """Restore the Trainer ``tr`` from the newest usable checkpoint of its folder; False if
+    there is none."""
+    state, path = load_latest(tr.out_dir, run_fingerprint(tr), map_location=tr.device,
+                              log=tr.log)
+    if state is None:
+        return False
+    try:
+        _restore(tr, state)
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: not a usable checkpoint of this run "
+                              f"({type(e).__name__}: {e})") from None
+    tr.log(f"resumed from {path} at epoch {tr.epoch + 1}, step "
+           f"{tr.step_in_epoch}/{tr.steps_per_epoch}")
+    return True
+
+
+def _restore(tr, state: dict) -> None:
+    from .optim import restore_tensor_lr
+
+    tr.net.load_state_dict(state["model"])
+    tr.opt.load_state_dict(state["optimizer"])
+    restore_tensor_lr(tr.opt, tr.device)
+    if tr.scaler is not None and state["scaler"] is not None:
+        tr.scaler.load_state_dict(state["scaler"])
+    tr.epoch, tr.step_in_epoch = state["epoch"], state["step_in_epoch"]
+    tr.global_step = state["global_step"]
+    acc = state["accumulators"]
+    tr.loss_sum.fill_(acc["loss_sum"])
+    tr.correct_sum.fill_(acc["correct_sum"])
+    tr.nonfinite.copy_(torch.tensor(acc["nonfinite"]))
+    tr.history = state["history"]
+    rng = state["rng"][tr.dist.rank]
+    torch.set_rng_state(rng["cpu"].cpu())
+    if tr.cuda and "cuda" in rng:
+        torch.cuda.set_rng_state(rng["cuda"].cpu(), tr.device)
