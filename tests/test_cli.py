@@ -131,6 +131,30 @@ def test_batch_must_split_over_processes(tmp_path, monkeypatch):
         _run(tmp_path, "--batch-size", "63")
 
 
+# -- the main job's script ---------------------------------------------------------------------
+@needs_mnist
+def test_train_sh_reruns_and_resumes_the_main_job_from_any_folder(tmp_path):
+    """Relative paths are the caller's; `--resume` alone continues the main job (the
+    SpinalNet MNIST setting), as the refusal to rerun it says."""
+    (tmp_path / "my-data").symlink_to(SHARED)
+    script = os.path.join(REPO, "scripts", "train.sh")
+
+    def train_sh(*args):
+        return subprocess.run(["bash", script, "--data-root", "my-data", "--out", "my-run",
+                               "--threads", "1", "--progress", "off", *args], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=600)
+
+    r = train_sh("--stop-after-steps", "2")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "spinal-cnn-8 (13,818 parameters) on mnist" in r.stdout
+    assert (tmp_path / "my-run" / "checkpoint.pt").is_file()
+    r = train_sh("--stop-after-steps", "3")
+    assert r.returncode == 2 and "pass --resume to continue that run" in r.stderr
+    r = train_sh("--resume", "--stop-after-steps", "3")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "resumed from my-run/checkpoint.pt at epoch 1, step 2/937" in r.stdout
+
+
 # -- where results come from --------------------------------------------------------------------
 def test_git_info_in_the_checkout_and_from_a_commit_file(tmp_path, monkeypatch):
     info = git_info()

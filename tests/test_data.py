@@ -293,6 +293,37 @@ def test_download_offline_and_md5(tmp_path, monkeypatch):
     assert dest.read_bytes() == payload
 
 
+def test_default_data_root_lookup(tmp_path, monkeypatch):
+    """No --data-root: the checkout's data/, else ../shared/data, else a download into data/;
+    without a network, one message saying which files to put where."""
+    from models.training.datasets import read
+
+    first, second = tmp_path / "checkout" / "data", tmp_path / "shared" / "data"
+    monkeypatch.setattr(read, "DEFAULT_ROOTS", (str(first), str(second)))
+    files = D.dataset_info("kmnist").files
+    _write_set(str(second / "kmnist"), files)
+    assert D.load_dataset("kmnist").train_images.shape[0] == 12          # from the second
+    _write_set(str(first / "KMNIST" / "raw"), files, n_train=10)
+    assert D.load_dataset("kmnist").train_images.shape[0] == 10          # the first wins
+
+    def offline(*a, **k):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    with pytest.raises(D.DataError) as e:
+        D.load_dataset("qmnist")
+    msg = str(e.value)
+    assert "network is unreachable" in msg and "qmnist-train-images-idx3-ubyte" in msg
+    assert str(first / "QMNIST" / "raw") in msg and str(second) in msg and "--data-root" in msg
+
+    def fetched(url, dest, md5, timeout=30.0):     # a download that works: into data/
+        _write_set(os.path.dirname(dest), D.dataset_info("qmnist").files, label_table=True)
+
+    monkeypatch.setattr(download, "_fetch", fetched)
+    assert D.load_dataset("qmnist").train_images.shape[0] == 12
+    assert (first / "QMNIST" / "raw").is_dir()
+
+
 def test_subsets_and_folds():
     a = D.subset_indices(100, 30)
     assert a.numel() == 30 and torch.equal(a, D.subset_indices(100, 30))

@@ -71,7 +71,7 @@ def test_real_mnist_run_learns(tmp_path):
                 "peak_gpu_memory_bytes", "config", "git_commit",
                 "best_test_accuracy_test_selected"):
         assert key in on_disk
-    assert on_disk["params"] == 21_840 and on_disk["epochs"] == 3
+    assert on_disk["params"] == 21_840 and on_disk["epochs"] == 3 and on_disk["threads"] == 1
     assert on_disk["test_accuracy"] == summary["test_accuracy"]
     assert on_disk["images_per_s"] > 0 and len(on_disk["epoch_times_s"]) == 3
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()

@@ -56,8 +56,10 @@ class TrainConfig:
                         group=GENERAL)
     data: str = option("mnist", "mnist, fashion-mnist, kmnist, qmnist, emnist-<split>",
                        group=GENERAL)
-    data_root: str = option(os.path.join("..", "shared", "data"), "folder holding the data sets",
-                            group=GENERAL, resume_free=True)
+    data_root: str | None = option(None, "folder holding the data sets", group=GENERAL,
+                                   resume_free=True, default_text=(
+                                       "the checkout's data/, else ../shared/data beside the "
+                                       "checkout; downloaded into data/ when in neither"))
     out: str = option("runs/latest", "output folder", group=GENERAL, resume_free=True)
     epochs: int = option(10, "training epochs", group=GENERAL, at_least=1)
     batch_size: int = option(128, "global batch size (split over the processes)",

@@ -115,7 +115,7 @@ def finish(tr) -> dict:
         cuda_graph={"requested": tr.use_graph, "used": tr.runner.captured,
                     "fallback_reason": tr.runner.fallback_reason},
         compile=cfg.compile, channels_last=tr.channels_last,
-        normalization={"mean": tr.data.mean, "std": tr.data.std},
+        normalization={"mean": tr.data.mean, "std": tr.data.std}, data_sha256=tr.data_sha256,
         head=dataclasses.asdict(tr.net.head_cfg), config=dataclasses.asdict(cfg),
         git_commit=git["commit"], git_dirty=git["dirty"], torch_version=torch.__version__,
     )

@@ -43,7 +43,11 @@ def run_all(cfg: TrainConfig) -> dict | None:
     claim_out_folders(cfg, run_dirs, dist)
     dist.init(device)
     try:
+        if dist.enabled and not dist.is_main:
+            dist.barrier()  # the main process reads first: a download happens only there
         raw = load_dataset(cfg.data, cfg.data_root, download=cfg.download, verify=cfg.verify)
+        if dist.enabled and dist.is_main:
+            dist.barrier()
         results, labels = [], []
         for (seed, fold, label), out_dir in zip(runs, run_dirs):
             trainer = Trainer(cfg, raw, seed, fold, out_dir, dist,

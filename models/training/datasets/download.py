@@ -40,21 +40,29 @@ def _fetch(url: str, dest: str, md5: str, timeout: float = 30.0) -> None:
     os.replace(tmp, dest)
 
 
+def missing_files(root: str, info) -> list[str]:
+    """The files of data set ``info`` not found under ``root`` (none when NIST's zip is)."""
+    missing = [f for f in info.files
+               if not any(os.path.isfile(p) for p in candidate_paths(root, info, f))]
+    return [] if missing and find_zip(root, info) is not None else missing
+
+
+def fetch_missing(root: str, info) -> None:
+    """Download the missing files of ``info`` into ``root`` (torchvision's layout)."""
+    missing = missing_files(root, info)
+    raw = os.path.join(root, info.folders[0])
+    if missing and info.zip_name:
+        _fetch(EMNIST_URL, os.path.join(raw, info.zip_name), EMNIST_ZIP_MD5, timeout=60.0)
+        return
+    for f in missing:
+        _fetch(info.urls[f], os.path.join(raw, f + ".gz"), info.md5[f])
+
+
 def download_dataset(name: str, root: str) -> None:
     """Download the files of ``name`` that are not yet under ``root`` (torchvision layout)."""
     info = dataset_info(name)
-    missing = [f for f in info.files
-               if not any(os.path.isfile(p) for p in candidate_paths(root, info, f))]
-    if not missing:
-        return
-    raw = os.path.join(root, info.folders[0])
     try:
-        if info.zip_name:
-            if find_zip(root, info) is None:
-                _fetch(EMNIST_URL, os.path.join(raw, info.zip_name), EMNIST_ZIP_MD5, timeout=60.0)
-            return
-        for f in missing:
-            _fetch(info.urls[f], os.path.join(raw, f + ".gz"), info.md5[f])
+        fetch_missing(root, info)
     except DataError as e:
-        raise DataError(f"{e}. Without a network: {missing_message(root, info, missing)}") \
-            from None
+        raise DataError(f"{e}. Without a network: "
+                        f"{missing_message(root, info, missing_files(root, info))}") from None

@@ -18,8 +18,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..provenance import REPO_ROOT
 from .catalog import DatasetInfo, candidate_paths, dataset_info, find_zip, missing_message
-from .download import download_dataset
+from .download import download_dataset, fetch_missing, missing_files
 from .idx import DataError, gunzip, parse_idx, read_file
 
 
@@ -134,10 +135,41 @@ def content_sha256(raw: RawDataset) -> str:
     return h.hexdigest()
 
 
-def load_dataset(name: str, root: str, download: bool = False, verify: bool = True) -> RawDataset:
-    """Load a whole data set into CPU tensors (see the module docstring for the layouts)."""
+# Where a data set is looked for when no root is given, in this order; missing files are
+# downloaded into the first.
+DEFAULT_ROOTS = (os.path.join(REPO_ROOT, "data"),
+                 os.path.join(os.path.dirname(REPO_ROOT), "shared", "data"))
+
+
+def default_root(info: DatasetInfo, log=print) -> str:
+    """The first of :data:`DEFAULT_ROOTS` holding ``info``'s files; else the checkout's
+    ``data/``, after downloading them there (one message naming the files if that fails)."""
+    for root in DEFAULT_ROOTS:
+        if os.path.isdir(root) and not missing_files(root, info):
+            return root
+    root = DEFAULT_ROOTS[0]
+    log(f"{info.name} is in neither {DEFAULT_ROOTS[0]} nor {DEFAULT_ROOTS[1]}: downloading it "
+        f"into {root}")
+    try:
+        fetch_missing(root, info)
+    except DataError as e:
+        where = missing_message(root, info, missing_files(root, info)).rstrip(".")
+        raise DataError(f"{e}. {where} (or in {DEFAULT_ROOTS[1]}), or pass --data-root "
+                        "FOLDER.") from None
+    return root
+
+
+def load_dataset(name: str, root: str | None = None, download: bool = False,
+                 verify: bool = True) -> RawDataset:
+    """Load a whole data set into CPU tensors (see the module docstring for the layouts).
+
+    ``root=None``: the first of :data:`DEFAULT_ROOTS` that holds it, else downloaded into the
+    checkout's ``data/``.  With a ``root``, missing files are downloaded only if ``download``.
+    """
     info = dataset_info(name)
-    if download:
+    if root is None:
+        root = default_root(info)
+    elif download:
         download_dataset(info.name, root)
     elif not os.path.isdir(root):
         raise DataError(f"data root {root!r} is not a directory. "
