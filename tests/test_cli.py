@@ -132,27 +132,40 @@ def test_batch_must_split_over_processes(tmp_path, monkeypatch):
 
 
 # -- the main job's script ---------------------------------------------------------------------
-@needs_mnist
+def _tiny_mnist(root, train=256, test=64):
+    """Random images and labels in MNIST's file layout (read with --no-verify)."""
+    import numpy as np
+
+    from models.training.datasets import write_idx
+    rng = np.random.default_rng(0)
+    (root / "mnist").mkdir(parents=True)
+    for prefix, n in (("train", train), ("t10k", test)):
+        write_idx(str(root / "mnist" / f"{prefix}-images-idx3-ubyte"),
+                  rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
+        write_idx(str(root / "mnist" / f"{prefix}-labels-idx1-ubyte"),
+                  rng.integers(0, 10, n, dtype=np.uint8))
+
+
 def test_train_sh_reruns_and_resumes_the_main_job_from_any_folder(tmp_path):
     """Relative paths are the caller's; `--resume` alone continues the main job (the
     SpinalNet MNIST setting), as the refusal to rerun it says."""
-    (tmp_path / "my-data").symlink_to(SHARED)
+    _tiny_mnist(tmp_path / "my-data")
     script = os.path.join(REPO, "scripts", "train.sh")
 
     def train_sh(*args):
-        return subprocess.run(["bash", script, "--data-root", "my-data", "--out", "my-run",
-                               "--threads", "1", "--progress", "off", *args], cwd=tmp_path,
-                              capture_output=True, text=True, timeout=600)
+        return subprocess.run(["bash", script, "--data-root", "my-data", "--no-verify", "--out",
+                               "my-run", "--threads", "1", "--progress", "off", *args],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=600)
 
     r = train_sh("--stop-after-steps", "2")
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    assert "spinal-cnn-8 (13,818 parameters) on mnist" in r.stdout
+    assert "spinal-cnn-8 (13,818 parameters) on mnist: 256 train" in r.stdout
     assert (tmp_path / "my-run" / "checkpoint.pt").is_file()
     r = train_sh("--stop-after-steps", "3")
     assert r.returncode == 2 and "pass --resume to continue that run" in r.stderr
     r = train_sh("--resume", "--stop-after-steps", "3")
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    assert "resumed from my-run/checkpoint.pt at epoch 1, step 2/937" in r.stdout
+    assert "resumed from my-run/checkpoint.pt at epoch 1, step 2/4" in r.stdout
 
 
 # -- where results come from --------------------------------------------------------------------
@@ -182,16 +195,7 @@ def test_missing_matplotlib_and_tqdm_only_warn(tmp_path):
     code = ("import sys; sys.modules['matplotlib'] = None; sys.modules['tqdm'] = None\n"
             "from models.training.cli import main\n"
             "sys.exit(main(sys.argv[1:]))")
-    root = tmp_path / "data" / "mnist"
-    root.mkdir(parents=True)
-    import numpy as np
-
-    from models.training.datasets import write_idx
-    rng = np.random.default_rng(0)
-    for prefix, n in (("train", 64), ("t10k", 32)):
-        write_idx(str(root / f"{prefix}-images-idx3-ubyte"),
-                  rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
-        write_idx(str(root / f"{prefix}-labels-idx1-ubyte"), rng.integers(0, 10, n, np.uint8))
+    _tiny_mnist(tmp_path / "data", train=64, test=32)
     r = subprocess.run(
         [sys.executable, "-c", code, "--device", "cpu", "--data-root", str(tmp_path / "data"),
          "--no-verify", "--model", "cnn-fc", "--epochs", "2", "--batch-size", "32",
