@@ -65,11 +65,16 @@ def test_help_shows_every_default_and_no_switch_defaults():
         assert option in text, option
 
 
-def test_resume_free_settings_come_from_the_fields():
+def test_resume_free_settings_come_from_the_fields_and_the_docs_list_them():
     assert K.RESUME_FREE == {
         "data_root", "out", "seeds", "resume", "overwrite", "nonfinite_patience",
         "checkpoint_every_steps", "checkpoint_every_epochs", "stop_after_steps", "progress",
         "download", "verify", "plot"}
+    with open(os.path.join(REPO, "docs", "training.md"), encoding="utf-8") as f:
+        docs = " ".join(f.read().split())
+    listed = docs.split("except the resume-free ones (", 1)[1].split(")", 1)[0]
+    flags = {K.flag_of(f) for f in dataclasses.fields(TrainConfig) if f.name in K.RESUME_FREE}
+    assert set(listed.replace("`", "").split(", ")) == flags
 
 
 # -- errors ------------------------------------------------------------------------------------
