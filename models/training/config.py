@@ -8,6 +8,7 @@ generated from these fields, so an option is described once, here.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import dataclass, field, fields
@@ -195,14 +196,16 @@ def check_ranges(cfg: TrainConfig) -> None:
 # ------------------------------------------------------------------------------------------
 # Whether a configuration can run here: checked before any data is read
 # ------------------------------------------------------------------------------------------
-def check_config(cfg: TrainConfig, world: int = 1) -> None:
-    """A :class:`ConfigError` naming the option for anything impossible, on this machine,
-    with ``world`` processes; nothing heavy has happened yet when it is raised."""
+def check_config(cfg: TrainConfig, dist=None) -> None:
+    """A :class:`ConfigError` naming the option for anything impossible on this machine, for
+    this process of ``dist`` (a :class:`~models.training.distributed.Dist`; default: a single
+    process); nothing heavy has happened yet when it is raised."""
     import spinalkern
     import torch
 
     from .. import registry
     from .datasets import dataset_info
+    from .distributed import Dist, resolve_device
 
     def need(cond, msg):
         if not cond:
@@ -220,17 +223,19 @@ def check_config(cfg: TrainConfig, world: int = 1) -> None:
     need(cfg.folds != 1, "--folds must be 0 (off) or >= 2, got 1")
     need(len(set(cfg.seeds)) == len(cfg.seeds), f"--seeds has repeats: {cfg.seeds}")
     need(not (cfg.resume and cfg.overwrite), "--resume and --overwrite exclude each other")
-    need(cfg.batch_size % world == 0,
-         f"--batch-size {cfg.batch_size} is not divisible by the {world} processes")
+    dist = dist or Dist()
+    need(cfg.batch_size % dist.world == 0,
+         f"--batch-size {cfg.batch_size} is not divisible by the {dist.world} processes")
     _check_out_folder(cfg.out)
     need(cfg.device != "cuda" or torch.cuda.is_available(),
          "--device cuda: no CUDA device is available (use --device cpu)")
-    cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    device = resolve_device(cfg, dist)   # this process's GPU, not GPU 0 for every process
+    cuda = device.type == "cuda"
     need(cuda or cfg.amp != "fp16", "--amp fp16 needs CUDA (on CPU use --amp bf16 or off)")
     need(cuda or cfg.cuda_graph != "on", "--cuda-graph on needs --device cuda")
     if isinstance(head, (spinalkern.SpinalHead, spinalkern.ProgressiveHead)):  # can it run here?
-        device = torch.device("cuda" if cuda else "cpu")
-        _check_head_runs(head, device, amp_dtype(cfg, device), cfg.backend)
+        with torch.cuda.device(device) if cuda else contextlib.nullcontext():
+            _check_head_runs(head, device, amp_dtype(cfg, device), cfg.backend)
 
 
 def _check_out_folder(out: str) -> None:

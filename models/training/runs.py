@@ -27,7 +27,7 @@ RUN_OUTPUTS = ("summary.json", "metrics.jsonl", "curves.png", LATEST, PREVIOUS,
 def run_all(cfg: TrainConfig) -> dict | None:
     """Every run asked for (seeds x folds); the top-level summary (None if stopped early)."""
     dist = Dist()
-    check_config(cfg, dist.world)
+    check_config(cfg, dist)
     device = resolve_device(cfg, dist)
     if device.type == "cuda":
         torch.cuda.set_device(device)
