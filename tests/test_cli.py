@@ -3,7 +3,6 @@ provenance of results, and optional dependencies."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import subprocess
 import sys
@@ -184,14 +183,18 @@ def test_git_info_in_the_checkout_and_from_a_commit_file(tmp_path, monkeypatch):
     assert commit_label(git_info(nowhere)) == "unknown"
     commit = "0123456789abcdef0123456789abcdef01234567"
     cases = {f"{commit}\n": False, f"{commit}-dirty\n": True,
-             json.dumps({"git_commit": commit, "git_dirty": False}): False,
-             json.dumps({"git_commit": commit, "git_dirty": True}): True}
+             f"commit={commit}\ndirty=no\ndate=2025-01-01T00:00:00+00:00\n": False,
+             f"commit={commit}\ndirty=yes\n": True}
     for text, dirty in cases.items():
         (tmp_path / "COMMIT").write_text(text)
         monkeypatch.setenv(COMMIT_FILE_ENV, str(tmp_path / "COMMIT"))
         info = git_info(nowhere)
         assert info["commit"] == commit and info["dirty"] is dirty, text
         assert commit_label(info) == commit + ("-dirty" if dirty else "")
+    monkeypatch.delenv(COMMIT_FILE_ENV)      # the default: bench/COMMIT of the checkout
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "bench" / "COMMIT").write_text(f"commit={commit}\ndirty=no\n")
+    assert git_info(nowhere)["commit"] == commit
 
 
 # -- optional dependencies ----------------------------------------------------------------------

@@ -2,10 +2,11 @@
 
 One helper for every results file of the repository (training summaries and benchmarks).
 In a checkout, ``git`` answers.  Where the code travels without its ``.git`` folder (a copy
-sent to another machine), the commit is read from the file named by the environment
-variable ``SPINALKERN_COMMIT_FILE``: its first 7 to 40 hexadecimal characters are the
-commit, and the word ``dirty`` anywhere in it marks local changes (so ``git rev-parse HEAD``
-output, ``<commit>-dirty`` and ``{"git_commit": "<commit>", "git_dirty": true}`` all work).
+sent to another machine), the commit is read from a commit file: the one named by the
+environment variable ``SPINALKERN_COMMIT_FILE``, else ``bench/COMMIT`` (written by
+``python -m bench.commit`` before the copy).  A commit file holds either ``key=value`` lines
+(``commit=<id>``, ``dirty=yes|no``) or the output of ``git rev-parse HEAD``, optionally
+followed by ``-dirty``.
 """
 from __future__ import annotations
 
@@ -15,10 +16,11 @@ import subprocess
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 COMMIT_FILE_ENV = "SPINALKERN_COMMIT_FILE"
+DEFAULT_COMMIT_FILE = os.path.join("bench", "COMMIT")
 
 
 def git_info(root: str = REPO_ROOT) -> dict:
-    """``{"commit": hex or None, "dirty": bool or None, "source": "git" | file | None}``."""
+    """``{"commit": id or None, "dirty": bool or None, "source": "git" | file | None}``."""
     def git(*args):
         return subprocess.run(["git", "-C", root, *args], capture_output=True, text=True,
                               timeout=10)
@@ -29,23 +31,28 @@ def git_info(root: str = REPO_ROOT) -> dict:
             return {"commit": head.stdout.strip(), "dirty": dirty, "source": "git"}
     except (OSError, subprocess.SubprocessError):
         pass
-    return _from_commit_file(os.environ.get(COMMIT_FILE_ENV))
+    path = os.environ.get(COMMIT_FILE_ENV) or os.path.join(root, DEFAULT_COMMIT_FILE)
+    return read_commit_file(path)
 
 
-def _from_commit_file(path: str | None) -> dict:
+def read_commit_file(path: str) -> dict:
+    """What a commit file says (see the module docstring); commit None if nothing usable."""
     unknown = {"commit": None, "dirty": None, "source": None}
-    if not path:
-        return unknown
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
     except OSError:
         return unknown
-    m = re.search(r"\b[0-9a-f]{7,40}\b", text)
-    if m is None:
-        return unknown
-    dirty = "dirty" in text and not re.search(r'"git_dirty"\s*:\s*false', text)
-    return {"commit": m.group(0), "dirty": dirty, "source": path}
+    fields = dict(line.strip().split("=", 1) for line in text.splitlines() if "=" in line)
+    if "commit" in fields:
+        commit = fields["commit"].strip()
+        dirty = {"yes": True, "no": False}.get(fields.get("dirty", "").strip())
+    else:
+        m = re.search(r"\b[0-9a-f]{7,40}(-dirty)?\b", text)
+        if m is None:
+            return unknown
+        commit, dirty = m.group(0).removesuffix("-dirty"), m.group(1) is not None
+    return {"commit": commit or None, "dirty": dirty, "source": path} if commit else unknown
 
 
 def commit_label(info: dict | None = None) -> str:
