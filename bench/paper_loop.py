@@ -8,7 +8,7 @@ What the SpinalNet / ProgressiveSpinalNet scripts do, written plainly: a torch D
 over the IDX images, per-image CPU augmentation with torchvision.transforms.v2 on tensors
 (RandomPerspective, RandomRotation(10), then scaling to [0, 1] and Normalize), fp32 eager
 model (``models.build``), Adam, CrossEntropyLoss, and a test pass after every epoch.  No
-torchvision data sets are used: the IDX files are read by ``models.data``.
+torchvision data sets are used: the IDX files are read by ``models.training.datasets``.
 
 Writes ``DIR/summary.json`` with the keys the training CLI writes (``images_per_s``,
 ``epoch_times_s``, ``test_accuracy`` in percent, ``params``, ``epochs``,
@@ -67,7 +67,7 @@ def main(argv=None) -> dict:
     opts = p.parse_args(argv)
 
     import models
-    from models.data import load_dataset, pixel_stats, subset_indices
+    from models.training.datasets import load_dataset, pixel_stats, subset_indices
     device = torch.device(opts.device)
     raw = load_dataset(opts.data, opts.data_root, verify=opts.verify)
     tr = subset_indices(raw.train_images.shape[0], opts.train_subset)

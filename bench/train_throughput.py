@@ -142,7 +142,7 @@ def run_one(spec, opts, scratch, timeout_s):
 def write_synthetic_mnist(root: str, train: int = 128, test: int = 32) -> None:
     """Tiny random data in the MNIST file layout, for the CPU smoke run (use --no-verify)."""
     import numpy as np
-    from models.data import write_idx
+    from models.training.datasets import write_idx
     rng = np.random.default_rng(0)
     folder = os.path.join(root, "mnist")
     os.makedirs(folder, exist_ok=True)

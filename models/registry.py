@@ -97,12 +97,22 @@ def resolve(name: str) -> Preset:
 
 
 def head_config(name: str, **overrides) -> tuple[str, HeadConfig]:
-    """(backbone name, head configuration) of model ``name`` with ``overrides`` applied."""
+    """(backbone name, head configuration) of model ``name`` with ``overrides`` applied,
+    checked against the backbone's features (a clear ``ValueError`` if impossible)."""
     preset = resolve(name)
     kind, from_name = parse_head_name(preset.head)
     cfg = DEFAULT_HEADS[preset.backbone][kind]
     cfg = cfg.with_overrides(**from_name).with_overrides(**dict(preset.overrides))
-    return preset.backbone, cfg.with_overrides(**overrides)
+    cfg = cfg.with_overrides(**overrides)
+    cfg.validate(BACKBONES[preset.backbone].out_features)
+    return preset.backbone, cfg
+
+
+def build_head(name: str, num_classes: int, backend: str = "auto",
+               **head_overrides) -> nn.Module:
+    """The head of model ``name`` alone, for the features of its backbone (as in ``build``)."""
+    backbone, cfg = head_config(name, **head_overrides)
+    return make_head(cfg, BACKBONES[backbone].out_features, num_classes, backend)
 
 
 class Classifier(nn.Module):
@@ -130,7 +140,7 @@ def build(name: str, num_classes: int, backend: str = "auto", **head_overrides) 
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
     backbone_name, cfg = head_config(name, **head_overrides)
-    backbone = make_backbone(backbone_name)
+    backbone = make_backbone(backbone_name)       # first: it draws its weights first
     head = make_head(cfg, backbone.out_features, num_classes, backend)
     return Classifier(name, backbone, head, cfg, num_classes)
 

@@ -37,7 +37,7 @@ python -m models.params --check docs/training.md README.md
 
 step "the README's main command (real MNIST, CPU) reaches the paper's accuracy"
 run_dir=$(mktemp -d)
-python -m models.train --model spinal-cnn-8 --data mnist --data-root ../shared/data --epochs 8 \
+python -m models.train --model spinal-cnn-8 --data mnist --epochs 8 \
     --batch-size 64 --optimizer sgd --lr 0.01 --momentum 0.5 --no-augment \
     --out "$run_dir/run" --threads 1 --progress off
 python - "$run_dir/run/summary.json" <<'PY'

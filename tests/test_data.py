@@ -1,4 +1,4 @@
-"""Data readers (on small generated IDX files and the shared MNIST) and GPU augmentation."""
+"""Data readers, on small generated IDX files and on the shared MNIST."""
 from __future__ import annotations
 
 import gzip
@@ -6,6 +6,7 @@ import hashlib
 import io
 import os
 import shutil
+import struct
 import urllib.request
 import zipfile
 
@@ -13,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from models import data as D
-from models.augment import NO_AUGMENT, AugmentConfig, GPUAugment, random_matrices, warp
+from models.training import datasets as D
+from models.training.datasets import download, idx
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.environ.get("SPINALKERN_DATA", os.path.join(REPO, "..", "shared", "data"))
@@ -198,6 +199,51 @@ def test_inconsistent_files(tmp_path):
         D.load_dataset("kmnist", str(tmp_path))
 
 
+def test_float_labels_are_rejected(tmp_path):
+    """IDX can store floats; 3.7 must not silently become class 3."""
+    files = D.dataset_info("kmnist").files
+    folder = tmp_path / "kmnist"
+    _write_set(str(folder), files)
+    D.write_idx(str(folder / (files[1] + ".gz")), np.full(12, 3.7, ">f4"))
+    with pytest.raises(D.DataError, match="labels must be integers.*float32"):
+        D.load_dataset("kmnist", str(tmp_path))
+
+
+def test_header_size_product_that_wraps():
+    """Four sizes of 2**16: their product wraps to 0 in 64 bits; the error names the file."""
+    blob = struct.pack(">HBB4I", 0, 0x08, 4, *[1 << 16] * 4)
+    with pytest.raises(D.DataError, match="x-idx4-ubyte: IDX header says shape.*truncated"):
+        D.parse_idx(blob, "x-idx4-ubyte")
+
+
+def test_unreadable_folder_and_file(tmp_path, monkeypatch):
+    """Reported as unreadable, not as missing.  (Permissions are simulated as well as set,
+    since they do not bind the root user.)"""
+    files = D.dataset_info("kmnist").files
+    folder = tmp_path / "kmnist"
+    _write_set(str(folder), files)
+    real_access, real_open = os.access, open
+    folder.chmod(0)
+    try:
+        monkeypatch.setattr(os, "access", lambda p, mode: (
+            os.path.abspath(p) != str(folder) and real_access(p, mode)))
+        with pytest.raises(D.DataError, match="cannot read the folder .*kmnist.*permission"):
+            D.load_dataset("kmnist", str(tmp_path))
+    finally:
+        folder.chmod(0o755)
+    monkeypatch.undo()
+    image_file = str(folder / (files[0] + ".gz"))
+
+    def denied(path, *a, **k):
+        if os.path.abspath(path) == image_file:
+            raise PermissionError(13, "Permission denied", path)
+        return real_open(path, *a, **k)
+
+    monkeypatch.setattr(idx, "open", denied, raising=False)
+    with pytest.raises(D.DataError, match="cannot read the file.*Permission denied"):
+        D.load_dataset("kmnist", str(tmp_path))
+
+
 def test_emnist_letters_label_zero_is_an_error(tmp_path):
     info = D.dataset_info("emnist-letters")
     folder = tmp_path / "EMNIST" / "raw"
@@ -241,10 +287,41 @@ def test_download_offline_and_md5(tmp_path, monkeypatch):
     monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: Resp(payload))
     dest = tmp_path / "x" / "f.gz"
     with pytest.raises(D.DataError, match="does not match the published"):
-        D._fetch("http://example.invalid/f.gz", str(dest), "0" * 32)
+        download._fetch("http://example.invalid/f.gz", str(dest), "0" * 32)
     assert not dest.exists() and not (tmp_path / "x" / "f.gz.part").exists()
-    D._fetch("http://example.invalid/f.gz", str(dest), hashlib.md5(payload).hexdigest())
+    download._fetch("http://example.invalid/f.gz", str(dest), hashlib.md5(payload).hexdigest())
     assert dest.read_bytes() == payload
+
+
+def test_default_data_root_lookup(tmp_path, monkeypatch):
+    """No --data-root: the checkout's data/, else ../shared/data, else a download into data/;
+    without a network, one message saying which files to put where."""
+    from models.training.datasets import read
+
+    first, second = tmp_path / "checkout" / "data", tmp_path / "shared" / "data"
+    monkeypatch.setattr(read, "DEFAULT_ROOTS", (str(first), str(second)))
+    files = D.dataset_info("kmnist").files
+    _write_set(str(second / "kmnist"), files)
+    assert D.load_dataset("kmnist").train_images.shape[0] == 12          # from the second
+    _write_set(str(first / "KMNIST" / "raw"), files, n_train=10)
+    assert D.load_dataset("kmnist").train_images.shape[0] == 10          # the first wins
+
+    def offline(*a, **k):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    with pytest.raises(D.DataError) as e:
+        D.load_dataset("qmnist")
+    msg = str(e.value)
+    assert "network is unreachable" in msg and "qmnist-train-images-idx3-ubyte" in msg
+    assert str(first / "QMNIST" / "raw") in msg and str(second) in msg and "--data-root" in msg
+
+    def fetched(url, dest, md5, timeout=30.0):     # a download that works: into data/
+        _write_set(os.path.dirname(dest), D.dataset_info("qmnist").files, label_table=True)
+
+    monkeypatch.setattr(download, "_fetch", fetched)
+    assert D.load_dataset("qmnist").train_images.shape[0] == 12
+    assert (first / "QMNIST" / "raw").is_dir()
 
 
 def test_subsets_and_folds():
@@ -306,105 +383,3 @@ def test_real_emnist_letters_labels_with_blank_images(tmp_path):
     assert raw.train_images.shape == (124800, 1, 28, 28) and raw.test_labels.shape == (20800,)
     counts = torch.bincount(raw.train_labels, minlength=26)
     assert counts.numel() == 26 and bool((counts == 4800).all())   # balanced, 0..25
-
-
-# -- augmentation ------------------------------------------------------------------------------
-def _batch(b=16, seed=0):
-    return torch.from_numpy(_images(b, seed=seed)).unsqueeze(1)
-
-
-def test_augment_shape_dtype_and_normalisation():
-    x = _batch()
-    aug = GPUAugment(AugmentConfig(hflip_p=0.5), mean=0.1, std=0.3)
-    y = aug(x)
-    assert y.shape == x.shape and y.dtype == torch.float32
-    ref = (x.float() / 255.0 - 0.1) / 0.3
-    off = GPUAugment(NO_AUGMENT, mean=0.1, std=0.3)(x)
-    assert torch.allclose(off, ref, atol=1e-5)
-    aug.eval()
-    assert torch.allclose(aug(x), ref, atol=1e-5)   # evaluation never augments
-    with pytest.raises(ValueError):
-        aug(x.float())
-
-
-def test_augment_random_per_sample_and_seeded():
-    x = _batch(1).expand(32, 1, 28, 28).contiguous()
-    aug = GPUAugment(AugmentConfig())
-    torch.manual_seed(0)
-    y = aug(x)
-    diffs = [(y[i] - y[0]).abs().max().item() for i in range(1, 32)]
-    assert min(diffs) > 0                    # every sample got its own transform
-    torch.manual_seed(0)
-    assert torch.equal(aug(x), y)            # reproducible from the seed
-
-
-def test_identity_warp_is_exact_enough():
-    x = _batch().float()
-    y = warp(x, torch.eye(3).expand(16, 3, 3))
-    assert (y - x).abs().max() < 1e-2
-
-
-def test_crop_is_an_integer_shift_with_zero_fill():
-    x = _batch().float()
-    torch.manual_seed(1)
-    m = random_matrices(AugmentConfig(rotation=0, perspective=0, crop_padding=2), 16, 28, 28, "cpu")
-    y = warp(x, m)
-    for i in range(16):
-        tx, ty = int(m[i, 0, 2]), int(m[i, 1, 2])
-        assert -2 <= tx <= 2 and -2 <= ty <= 2
-        padded = torch.nn.functional.pad(x[i], (2, 2, 2, 2))
-        ref = padded[:, 2 + ty:2 + ty + 28, 2 + tx:2 + tx + 28]
-        assert (y[i] - ref).abs().max() < 1e-2
-
-
-def test_flip_and_rotation():
-    x = _batch().float()
-    torch.manual_seed(2)
-    y = warp(x, random_matrices(AugmentConfig(rotation=0, perspective=0, crop_padding=0,
-                                              hflip_p=0.5), 16, 28, 28, "cpu"))
-    flipped = [(y[i] - x[i].flip(-1)).abs().max() < 1e-2 for i in range(16)]
-    same = [(y[i] - x[i]).abs().max() < 1e-2 for i in range(16)]
-    assert all(a or b for a, b in zip(flipped, same)) and any(flipped) and any(same)
-    # a centred blob keeps its centre of mass under rotation
-    blob = torch.zeros(1, 1, 28, 28)
-    blob[..., 10:18, 10:18] = 255.0
-    r = warp(blob.expand(8, 1, 28, 28), random_matrices(
-        AugmentConfig(rotation=10, perspective=0, crop_padding=0), 8, 28, 28, "cpu"))
-    assert torch.allclose(r.sum(dim=(1, 2, 3)), blob.sum().expand(8), rtol=0.05)
-
-
-def test_perspective_only_changes_some_samples():
-    torch.manual_seed(3)
-    m = random_matrices(AugmentConfig(rotation=0, perspective=0.5, perspective_p=0.5,
-                                      crop_padding=0), 64, 28, 28, "cpu")
-    ident = [torch.allclose(m[i], torch.eye(3), atol=1e-5) for i in range(64)]
-    assert 10 < sum(ident) < 54          # about half the samples are warped
-    assert torch.isfinite(m).all()
-
-
-def test_augment_config_validation():
-    with pytest.raises(ValueError):
-        AugmentConfig(perspective=1.5).validate()
-    with pytest.raises(ValueError):
-        AugmentConfig(hflip_p=2).validate()
-    assert not NO_AUGMENT.enabled and AugmentConfig().enabled
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_augment_in_cuda_graph_draws_new_randomness_per_replay():
-    x = _batch(64).cuda()
-    aug = GPUAugment(AugmentConfig(hflip_p=0.5), mean=0.13, std=0.31).cuda()
-    static_out = aug(x)                              # eager warm-up creates the constants
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        aug(x)
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        static_out = aug(x)
-    g.replay()
-    first = static_out.clone()
-    g.replay()
-    assert not torch.equal(first, static_out)
-    assert static_out.shape == x.shape and torch.isfinite(static_out).all()

@@ -4,12 +4,16 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 
-from models import optim as O
-from models.checkpoint import CheckpointError
-from models.train import ConfigError, main, parse_args, run_all
+from models.training import optim as O
+from models.training.checkpoint import CheckpointError, read_checkpoint, write_checkpoint
+from models.training.cli import main, parse_args
+from models.training.config import ConfigError
+from models.training.datasets import write_idx
+from models.training.runs import run_all
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.environ.get("SPINALKERN_DATA", os.path.join(REPO, "..", "shared", "data"))
@@ -29,6 +33,32 @@ def _run(tmp_path, *args):
     return run_all(parse_args([*CPU, "--out", str(tmp_path), *args]))
 
 
+@pytest.fixture(scope="module")
+def tiny_root(tmp_path_factory):
+    """Random images and labels in MNIST's file layout: 200 train, 100 test (--no-verify)."""
+    root = tmp_path_factory.mktemp("tiny")
+    rng = np.random.default_rng(0)
+    (root / "mnist").mkdir()
+    for prefix, n in (("train", 200), ("t10k", 100)):
+        write_idx(str(root / "mnist" / f"{prefix}-images-idx3-ubyte"),
+                  rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
+        write_idx(str(root / "mnist" / f"{prefix}-labels-idx1-ubyte"),
+                  rng.integers(0, 10, n, dtype=np.uint8))
+    return root
+
+
+def _tiny(root, out, *args):
+    """The command line of a one-second run on ``tiny_root``."""
+    return [*CPU, "--data-root", str(root), "--no-verify", "--out", str(out), "--model",
+            "cnn-fc", "--epochs", "2", "--batch-size", "50", "--no-augment", "--no-plot", *args]
+
+
+def _strict_json(text: str):
+    def no_constants(name):
+        raise ValueError(f"{name} is not JSON")
+    return json.loads(text, parse_constant=no_constants)
+
+
 @needs_mnist
 def test_real_mnist_run_learns(tmp_path):
     """The paper's small CNN on 4000 real MNIST images: far better than chance (10 %)."""
@@ -41,7 +71,7 @@ def test_real_mnist_run_learns(tmp_path):
                 "peak_gpu_memory_bytes", "config", "git_commit",
                 "best_test_accuracy_test_selected"):
         assert key in on_disk
-    assert on_disk["params"] == 21_840 and on_disk["epochs"] == 3
+    assert on_disk["params"] == 21_840 and on_disk["epochs"] == 3 and on_disk["threads"] == 1
     assert on_disk["test_accuracy"] == summary["test_accuracy"]
     assert on_disk["images_per_s"] > 0 and len(on_disk["epoch_times_s"]) == 3
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
@@ -55,27 +85,44 @@ def test_resume_is_bitwise_exact(tmp_path):
     """Stopped mid-epoch and resumed == uninterrupted: same weights, same accuracy.
 
     Augmentation and dropout (spinalkern's head and the CNN's Dropout2d) are on, so the
-    random number generators must be restored exactly too."""
+    random number generators must be restored exactly too.  The resumed run changes only
+    resume-free settings (another data folder holding the same files, another checkpoint
+    interval), and resumes from the previous checkpoint because the newest one is corrupt."""
     args = ["--model", "spinal-cnn-8", "--head-dropout", "0.2", "--backend", "torch",
             "--data", "mnist", "--epochs", "2", "--batch-size", "50", "--train-subset", "1000",
             "--test-subset", "500", "--no-plot", "--schedule", "cosine"]
     full = _run(tmp_path / "a", *args)
-    assert _run(tmp_path / "b", *args, "--stop-after-steps", "27") is None  # epoch 2, step 7
-    with pytest.raises(CheckpointError, match="--resume"):
+    # 20 steps per epoch: checkpoints every 5 steps, and at the stop (step 27).
+    assert _run(tmp_path / "b", *args, "--stop-after-steps", "27",
+                "--checkpoint-every-steps", "5") is None
+    with pytest.raises(ConfigError, match="--resume"):
         _run(tmp_path / "b", *args)
-    resumed = _run(tmp_path / "b", *args, "--resume")
-    a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)
-    b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)
+    with pytest.raises(CheckpointError, match="threads: checkpoint has 1, this run has 2"):
+        _run(tmp_path / "b", *args, "--resume", "--threads", "2")
+    latest = tmp_path / "b" / "checkpoint.pt"
+    assert read_checkpoint(str(latest))["global_step"] == 27
+    blob = bytearray(latest.read_bytes())
+    blob[len(blob) // 2] ^= 0x01                      # somewhere in the stored tensors
+    latest.write_bytes(bytes(blob))
+    other_root = tmp_path / "data"
+    other_root.mkdir()
+    (other_root / "mnist").symlink_to(os.path.join(SHARED, "mnist"))
+    resumed = _run(tmp_path / "b", *args, "--resume", "--data-root", str(other_root),
+                   "--checkpoint-every-steps", "7")
+    assert read_checkpoint(str(tmp_path / "b" / "checkpoint.prev.pt"))["global_step"] == 35
+    assert (tmp_path / "b" / "checkpoint.pt.corrupt").exists()
+    a = read_checkpoint(str(tmp_path / "a" / "checkpoint.pt"))
+    b = read_checkpoint(str(latest))
     assert a["model"].keys() == b["model"].keys()
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
     assert full["test_accuracy"] == resumed["test_accuracy"]
     assert full["accuracy_per_epoch"] == resumed["accuracy_per_epoch"]
     hist_a = [json.loads(l) for l in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
-    hist_b = [json.loads(l) for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    hist_b = [json.loads(l) for l in (latest.parent / "metrics.jsonl").read_text().splitlines()]
     for ha, hb in zip(hist_a, hist_b):
         assert ha["train_loss"] == hb["train_loss"] and ha["eval_loss"] == hb["eval_loss"]
-    assert hist_b[1]["resumed_mid_epoch"] is True
+    assert [h["resumed_mid_epoch"] for h in hist_b] == [False, True]  # resumed at step 25
     # A checkpoint from another configuration is refused, naming the difference.
     with pytest.raises(CheckpointError, match="batch_size: checkpoint has 50, this run has 25"):
         _run(tmp_path / "b", *[a if a != "50" else "25" for a in args], "--resume")
@@ -111,29 +158,8 @@ def test_cpu_bf16_autocast_and_checkpoint_interval(tmp_path):
              "--epochs", "2", "--batch-size", "32", "--train-subset", "256", "--test-subset",
              "100", "--amp", "bf16", "--checkpoint-every-epochs", "0", "--no-plot")
     assert s["amp"] == "bf16" and s["epochs"] == 2 and s["params"] == 16_050
-    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    state = read_checkpoint(str(tmp_path / "checkpoint.pt"))
     assert state["epoch"] == 2          # the final checkpoint is always written
-
-
-def test_atomic_save_keeps_the_old_checkpoint(tmp_path, monkeypatch):
-    from models import checkpoint as C
-
-    path = tmp_path / "checkpoint.pt"
-    C.atomic_save({"v": 1}, str(path))
-
-    def broken_save(obj, f):
-        f.write(b"half a checkpoint")
-        raise KeyboardInterrupt("killed while writing")
-
-    monkeypatch.setattr(C.torch, "save", broken_save)
-    with pytest.raises(KeyboardInterrupt):
-        C.atomic_save({"v": 2}, str(path))
-    monkeypatch.undo()
-    assert torch.load(path)["v"] == 1
-    assert sorted(os.listdir(tmp_path)) == ["checkpoint.pt"]
-    with pytest.raises(CheckpointError, match="cannot read"):
-        (tmp_path / "bad.pt").write_bytes(b"garbage")
-        C.load_checkpoint(str(tmp_path / "bad.pt"), {})
 
 
 def test_lr_schedules():
@@ -160,40 +186,6 @@ def test_set_lr_in_place_for_tensor_lr():
     opt2 = torch.optim.SGD([p], lr=0.1)
     O.set_lr(opt2, 0.2)
     assert opt2.param_groups[0]["lr"] == 0.2
-
-
-@pytest.mark.parametrize("args,match", [
-    (["--model", "alexnet"], "unknown model"),
-    (["--data", "cifar10"], "unknown data set"),
-    (["--epochs", "0"], "--epochs"),
-    (["--batch-size", "0"], "--batch-size"),
-    (["--folds", "1"], "--folds"),
-    (["--model", "spinal-vgg5", "--head-splits", "3"], "cannot be split"),
-    (["--amp", "fp16"], "fp16 needs CUDA"),
-    (["--cuda-graph", "on"], "needs --device cuda"),
-    (["--rotation", "-5"], "rotation"),
-])
-def test_config_errors(tmp_path, args, match):
-    with pytest.raises(ConfigError, match=match):
-        _run(tmp_path, *args)
-
-
-@needs_mnist
-def test_impossible_sizes_and_exit_code(tmp_path, capsys):
-    with pytest.raises(ConfigError, match="larger than the 100 training images"):
-        _run(tmp_path, "--train-subset", "100", "--batch-size", "128")
-    with pytest.raises(ConfigError, match="--train-subset 70000 is impossible"):
-        _run(tmp_path, "--train-subset", "70000")
-    rc = main([*CPU, "--out", str(tmp_path), "--data", "kmnist"])
-    assert rc == 2
-    err = capsys.readouterr().err
-    assert "kmnist" in err and "KMNIST/raw" in err and "train-images-idx3-ubyte" in err
-
-
-def test_batch_must_split_over_processes(tmp_path, monkeypatch):
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(ConfigError, match="not divisible by the 2 processes"):
-        _run(tmp_path, "--batch-size", "63")
 
 
 # -- GPU paths (run where CUDA is available) ----------------------------------------------------
@@ -234,3 +226,64 @@ def test_cuda_compile(tmp_path):
     s = _run(tmp_path, "--device", "cuda", "--model", "spinal-cnn-8", "--data", "mnist",
              "--epochs", "1", "--batch-size", "256", "--train-subset", "8192", "--compile")
     assert s["test_accuracy"] > 50
+
+
+# -- runs that fail, and outputs that stay someone else's ---------------------------------------
+def test_nonfinite_loss_stops_the_run(tmp_path, tiny_root, capsys):
+    out = tmp_path / "run"
+    assert main(_tiny(tiny_root, out, "--optimizer", "sgd", "--lr", "1e30")) == 1
+    err = capsys.readouterr().err
+    assert "NaN or infinite" in err and "diverged" in err and "--nonfinite-patience 0" in err
+    assert not (out / "summary.json").exists() and not (out / "checkpoint.pt").exists()
+
+
+def test_nonfinite_patience_and_strict_json(tmp_path, tiny_root):
+    out = tmp_path / "run"
+    assert main(_tiny(tiny_root, out, "--optimizer", "sgd", "--lr", "1e30",
+                      "--nonfinite-patience", "1000")) == 0
+    history = [_strict_json(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    summary = _strict_json((out / "summary.json").read_text())
+    assert [h["nonfinite_steps"] for h in history] == [3, 4]    # all but the first step
+    assert history[1]["train_loss"] is None and history[1]["eval_loss"] is None
+    assert summary["test_loss"] is None and summary["epochs"] == 2
+
+
+def test_outputs_are_never_overwritten(tmp_path, tiny_root):
+    out = tmp_path / "run"
+    assert main(_tiny(tiny_root, out)) == 0
+    with pytest.raises(ConfigError, match="holds the outputs of another run.*--resume"):
+        run_all(parse_args(_tiny(tiny_root, out)))
+    (out / "checkpoint.pt").unlink()
+    (out / "checkpoint.prev.pt").unlink()
+    with pytest.raises(ConfigError, match=r"summary.json.*no checkpoint.*--overwrite"):
+        run_all(parse_args(_tiny(tiny_root, out)))
+    with pytest.raises(ConfigError, match="it has no checkpoint to resume from"):
+        run_all(parse_args(_tiny(tiny_root, out, "--resume")))
+    old = os.umask(0o022)
+    try:
+        run_all(parse_args(_tiny(tiny_root, out, "--overwrite", "--epochs", "1")))
+    finally:
+        os.umask(old)
+    assert json.loads((out / "summary.json").read_text())["epochs"] == 1
+    for name in ("summary.json", "metrics.jsonl", "checkpoint.pt"):
+        assert (out / name).stat().st_mode & 0o777 == 0o644, name
+    # Several runs: every run folder is checked before the first one starts.
+    many = tmp_path / "many"
+    assert main(_tiny(tiny_root, many / "seed2", "--epochs", "1")) == 0
+    with pytest.raises(ConfigError, match="seed2 holds the outputs"):
+        run_all(parse_args(_tiny(tiny_root, many, "--seeds", "1", "2")))
+    assert not (many / "seed1").exists()
+
+
+def test_malformed_checkpoint_is_a_cli_error(tmp_path, tiny_root, capsys):
+    out = tmp_path / "run"
+    assert main(_tiny(tiny_root, out, "--stop-after-steps", "3")) == 0
+    state = read_checkpoint(str(out / "checkpoint.pt"))
+    del state["optimizer"]
+    write_checkpoint(state, str(out / "checkpoint.pt"))   # verifies, but cannot be resumed
+    assert main(_tiny(tiny_root, out, "--resume")) == 2
+    assert "not a usable checkpoint" in capsys.readouterr().err
+    (out / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    (out / "checkpoint.prev.pt").unlink()
+    assert main(_tiny(tiny_root, out, "--resume")) == 2
+    assert "no usable checkpoint" in capsys.readouterr().err
