@@ -126,7 +126,7 @@ def _arch_list():
 
 def extensions():
     cxx = ["-O3", "-std=c++17", "-DSK_PYTHON_MODULE"]
-    sources = ["csrc/spinal_head.cpp"]
+    sources = ["csrc/spinal_head.cpp", "csrc/head_autograd.cpp"]
     if not _use_cuda():
         return [CppExtension("spinalkern._C", sources, extra_compile_args={"cxx": cxx})]
     os.environ["TORCH_CUDA_ARCH_LIST"] = _arch_list()
