@@ -135,7 +135,6 @@ struct HeadForward : public torch::autograd::Function<HeadForward> {
     ctx->saved_data["num_splits"] = num_splits;
     ctx->saved_data["dropout"] = dropout;
     ctx->saved_data["save_hidden"] = save_hidden;
-    ctx->saved_data["num_biases"] = (int64_t)biases.size();
     if (save_hidden) {
       variable_list keep{x, hidden, seed.has_value() ? *seed : at::Tensor()};
       keep.insert(keep.end(), weights.begin(), weights.end());
@@ -151,7 +150,6 @@ struct HeadForward : public torch::autograd::Function<HeadForward> {
     const int64_t kind = ctx->saved_data["kind"].toInt();
     const int64_t num_splits = ctx->saved_data["num_splits"].toInt();
     const double dropout = ctx->saved_data["dropout"].toDouble();
-    const int64_t num_biases = ctx->saved_data["num_biases"].toInt();
     const variable_list saved = ctx->get_saved_variables();
     const at::Tensor& x = saved[0];
     const at::Tensor& hidden = saved[1];
@@ -159,10 +157,11 @@ struct HeadForward : public torch::autograd::Function<HeadForward> {
     const std::vector<at::Tensor> weights(saved.begin() + 3, saved.end());
     const at::Tensor& grad_y = grads[0];
 
-    // gradients in the order of forward's arguments: x, weights, biases, then seed, kind,
-    // num_splits, dropout, save_hidden (none)
+    // gradients in the order of forward's arguments: x, weights, biases (as many as weights,
+    // checked by the op), then seed, kind, num_splits, dropout, save_hidden (none)
+    const size_t num_grads = 1 + 2 * weights.size() + 5;
     variable_list out;
-    out.reserve(1 + weights.size() + num_biases + 5);
+    out.reserve(num_grads);
     if (!grad_y.defined()) {  // y did not reach the loss: no gradients
     } else if (at::GradMode::is_enabled()) {  // create_graph=True
       variable_list g = differentiable_backward(grad_y, x, weights, hidden, seed, kind,
@@ -177,16 +176,16 @@ struct HeadForward : public torch::autograd::Function<HeadForward> {
       at::AutoDispatchBelowADInplaceOrView below;
       std::vector<at::Tensor> dbs;
       dbs.reserve(weights.size());
-      int64_t off = 0;
+      int64_t off = flat.storage_offset();
       for (const auto& w : weights) {  // views of the flat gradient
         const int64_t N = w.size(0), K = w.size(1);
-        out.push_back(flat.narrow(0, off, N * K).view({N, K}));
-        dbs.push_back(flat.narrow(0, off + N * K, N));
+        out.push_back(flat.as_strided({N, K}, {K, 1}, off));
+        dbs.push_back(flat.as_strided({N}, {1}, off + N * K));
         off += N * K + N;
       }
       out.insert(out.end(), dbs.begin(), dbs.end());
     }
-    out.resize(1 + weights.size() + num_biases + 5);  // seed and the scalars: no gradient
+    out.resize(num_grads);  // seed and the scalars: no gradient
     return out;
   }
 };

@@ -65,9 +65,10 @@ A dot_pairwise(const A* u, const T* w, int64_t K) {
   return dot_pairwise(u, w, half) + dot_pairwise(u + half, w + half, K - half);
 }
 
-// Sum of a stream of vectors of length len: add each term into block(), then call next().
+// Sum of a stream of vectors of length len: add terms into block(), then call next(terms).
 // Every kPairBlock terms the block joins a binary carry chain of partial sums (level l holds
-// the sum of 2^l blocks), so the sum is pairwise over blocks.
+// the sum of 2^l blocks), so the sum is pairwise over blocks.  (Terms come in groups of at
+// most kGroup, a divisor of kPairBlock, so blocks always hold exactly kPairBlock terms.)
 template <typename A>
 class VectorSum {
  public:
@@ -78,8 +79,8 @@ class VectorSum {
     for (auto& l : levels_) l.clear();
   }
   A* block() { return block_.data(); }
-  void next() {
-    if (++terms_ < kPairBlock) return;
+  void next(int64_t terms) {
+    if ((terms_ += terms) < kPairBlock) return;
     terms_ = 0;
     for (size_t l = 0;; ++l) {
       if (l == levels_.size()) levels_.emplace_back();
@@ -131,10 +132,29 @@ void build_input(const HeadDims& d, const LayerInfo& li, int row, uint64_t seed,
   if (li.drop_x || li.drop_h) apply_dropout(d, li, row, seed, u);
 }
 
-// acc[0:len] += g * v[0:len]
+// acc[0:len] += sum over i < m of g[i] * v_i[0:len], v_i = v + i * stride, m <= kGroup: a
+// group of terms per pass over acc (fewer loads and stores of acc than one term at a time).
+constexpr int kGroup = 4;
+static_assert(kPairBlock % kGroup == 0, "blocks must hold whole groups");
+
 template <typename A, typename T>
-inline void axpy(A* __restrict acc, A g, const T* __restrict v, int64_t len) {
-  for (int64_t c = 0; c < len; ++c) acc[c] += g * (A)v[c];
+inline void add_terms(A* __restrict acc, const A* g, const T* v, int64_t stride, int m,
+                      int64_t len) {
+  if (m == kGroup) {
+    const T* __restrict v0 = v;
+    const T* __restrict v1 = v + stride;
+    const T* __restrict v2 = v + 2 * stride;
+    const T* __restrict v3 = v + 3 * stride;
+    const A g0 = g[0], g1 = g[1], g2 = g[2], g3 = g[3];
+    for (int64_t c = 0; c < len; ++c)
+      acc[c] += (g0 * (A)v0[c] + g1 * (A)v1[c]) + (g2 * (A)v2[c] + g3 * (A)v3[c]);
+    return;
+  }
+  for (int i = 0; i < m; ++i) {
+    const T* __restrict vi = v + i * stride;
+    const A gi = g[i];
+    for (int64_t c = 0; c < len; ++c) acc[c] += gi * (A)vi[c];
+  }
 }
 
 template <typename T>
@@ -212,11 +232,12 @@ void backward_cpu(const HeadDims& d, const T* gy, const T* x, const std::vector<
           // ReLU backward as torch: zero where the output is <= 0 (NaN passes the gradient)
           for (int j = 0; j < d.H; ++j) dz[j] = h[L * d.H + j] <= A(0) ? A(0) : dh[L * d.H + j];
         }
-        // du = dz_L W_L: a sum over the layer's outputs j
+        // du = dz_L W_L: a sum over the layer's outputs j (rows of W_L), kGroup at a time
         du.reset(li.K);
-        for (int j = 0; j < li.N; ++j) {
-          axpy(du.block(), dz[j], W[L] + (size_t)j * li.K, li.K);
-          du.next();
+        for (int j = 0; j < li.N; j += kGroup) {
+          const int m = std::min(kGroup, li.N - j);
+          add_terms(du.block(), dz + j, W[L] + (size_t)j * li.K, li.K, m, li.K);
+          du.next(m);
         }
         A* dus = du.total();
         if (li.drop_x || li.drop_h) apply_dropout(d, li, (int)row, seed, dus);
@@ -240,12 +261,14 @@ void backward_cpu(const HeadDims& d, const T* gy, const T* x, const std::vector<
       const int L = tasks[t].first, j = tasks[t].second;
       const LayerInfo& li = lis[L];
       acc.reset(li.K + 1);
-      for (int64_t row = 0; row < d.B; ++row) {
-        const A g = DZ[(size_t)row * zoff[n + 1] + zoff[L] + j];
+      for (int64_t row = 0; row < d.B; row += kGroup) {  // kGroup rows at a time
+        const int m = (int)std::min<int64_t>(kGroup, d.B - row);
+        A g[kGroup];
+        for (int i = 0; i < m; ++i) g[i] = DZ[(size_t)(row + i) * zoff[n + 1] + zoff[L] + j];
         A* a = acc.block();
-        axpy(a, g, &U[(size_t)row * uoff[n + 1] + uoff[L]], li.K);
-        a[li.K] += g;
-        acc.next();
+        add_terms(a, g, &U[(size_t)row * uoff[n + 1] + uoff[L]], uoff[n + 1], m, li.K);
+        for (int i = 0; i < m; ++i) a[li.K] += g[i];
+        acc.next(m);
       }
       const A* sum = acc.total();
       const int64_t woff = param_offset(d, L);

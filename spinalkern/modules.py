@@ -37,15 +37,18 @@ class _Head(nn.Module):
         self.norms = (nn.ModuleList(nn.BatchNorm1d(spec.H) for _ in range(spec.n))
                       if batch_norm else None)
 
-    def _linears(self):
-        # the live submodules, read without nn.Module.__getattr__ (this runs on every call)
-        return (*self._modules["layers"]._modules.values(), self._modules["out"])
+    def _params(self):
+        """([W_0..W_out], [b_0..b_out]) of the live submodules, read without nn.Module's
+        attribute lookup (this runs on every call)."""
+        linears = (*self._modules["layers"]._modules.values(), self._modules["out"])
+        return ([m._parameters["weight"] for m in linears],
+                [m._parameters["bias"] for m in linears])
 
     def weights(self) -> list[torch.Tensor]:
-        return [m._parameters["weight"] for m in self._linears()]
+        return self._params()[0]
 
     def biases(self) -> list[torch.Tensor]:
-        return [m._parameters["bias"] for m in self._linears()]
+        return self._params()[1]
 
     def extra_repr(self) -> str:
         s = self.spec
@@ -71,7 +74,7 @@ class _Head(nn.Module):
 
     def _folded_params(self):
         """Weights and biases with eval-mode BatchNorm folded in (z*scale + shift)."""
-        ws, bs = self.weights(), self.biases()
+        ws, bs = self._params()
         for i, bn in enumerate(self.norms):
             scale = torch.rsqrt(bn.running_var + bn.eps)
             if bn.weight is not None:
@@ -90,12 +93,10 @@ class _Head(nn.Module):
         if backend is None or (self.norms is not None and self.training):
             # The eager reference; training-mode BatchNorm couples the whole batch, so it always
             # runs here (its statistics must be computed before any layer can continue).
-            return reference_forward(self.spec, x, self.weights(), self.biases(), p,
+            ws, bs = self._params()
+            return reference_forward(self.spec, x, ws, bs, p,
                                      norms=list(self.norms) if self.norms is not None else None)
-        if self.norms is not None:
-            ws, bs = self._folded_params()
-        else:
-            ws, bs = self.weights(), self.biases()
+        ws, bs = self._folded_params() if self.norms is not None else self._params()
         return _run_op(backend.forward_op, self.spec, x, ws, bs, p)
 
 

@@ -450,7 +450,7 @@ def test_differentiating_the_backward_op_raises(backend):
 # ---------------------------------------------------------------------------------------------
 def test_registry_lists_every_backend_and_resolves_once(monkeypatch):
     from spinalkern import _backends
-    assert _backends.names() == ("auto", "torch", "triton", "cuda")
+    assert _backends.names() == ("auto", "torch", "triton", "cuda") == spinalkern.backend_names()
     for name in ("triton", "cuda"):
         b = _backends.get(name)
         assert b.name == name and isinstance(b.available(torch.device("cpu")), bool)
