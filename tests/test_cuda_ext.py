@@ -4,7 +4,8 @@ the CPU emulator, its build products, and (when a GPU is present) its CUDA kerne
 * CPU (CI): the ops ``spinalkern::cuda_head_{forward,backward}`` on CPU tensors (the C++ CPU
   implementation) against the float64 reference, forward and all gradients, dropout masks
   bit-identical to ``spinalkern.rng``; opcheck, gradcheck, torch.compile, determinism,
-  poisoned outputs, NaN propagation, bad input.
+  poisoned outputs, NaN propagation, bad input, pairwise sums, the C++ autograd (no Python
+  in backward, gradients as views of one buffer).
 * Emulator (CI): the CUDA kernels and their host launch code compiled as C++ against
   csrc/emu/cuda_emu.h and run on CPU tensors (real barrier semantics, NaN-poisoned shared
   memory, WMMA emulation), covering every tile config and fallback path (it compiles a small extension

@@ -434,6 +434,17 @@ def test_double_backward_matches_reference(backend, kind):
 
 
 @pytest.mark.parametrize("backend", FUSED)
+def test_forward_without_saved_hidden_cannot_be_differentiated(backend):
+    spec = _small_head("spinal")
+    device = backend_device(backend)
+    x, ws, bs = make_inputs(spec, 4, torch.float32, device)
+    y, h = op(backend)(x.requires_grad_(), ws, bs, None, 0, 2, 0.0, False)
+    assert h.shape == (0,)
+    with pytest.raises(RuntimeError, match="save_hidden=False"):
+        y.sum().backward()
+
+
+@pytest.mark.parametrize("backend", FUSED)
 def test_differentiating_the_backward_op_raises(backend):
     spec = _small_head("spinal")
     device = backend_device(backend)
