@@ -157,7 +157,7 @@ def _arch_list():
 def extensions():
     # No -std flag: BuildExtension adds the standard the installed torch's headers need.
     cxx = ["-O3", "-DSK_PYTHON_MODULE"]
-    sources = ["csrc/spinal_head.cpp"]
+    sources = ["csrc/spinal_head.cpp", "csrc/head_autograd.cpp"]
     if not _use_cuda():
         return [CppExtension("spinalkern._C", sources, extra_compile_args={"cxx": cxx})]
     os.environ["TORCH_CUDA_ARCH_LIST"] = _arch_list()

@@ -45,6 +45,10 @@ inline HeadDims check_head_args(const char* op, const at::Tensor& x, at::TensorL
   TORCH_CHECK_VALUE(kind == kSpinal || num_splits == 1, op,
                     ": num_splits applies to the spinal head only, got ", num_splits,
                     " for the progressive head");
+  TORCH_CHECK_VALUE(num_splits <= n, op, ": num_splits (", num_splits,
+                    ") must not exceed num_layers (", n, "): layer i reads segment i mod "
+                    "num_splits, so ", num_splits - n, " of the ", num_splits,
+                    " segments of x would never be read");
   const int64_t D = x.size(1);
   TORCH_CHECK_VALUE(D > 0, op, ": x must have at least one feature, got shape ", shape_str(x));
   TORCH_CHECK_VALUE(D % num_splits == 0, op, ": in_features of x (", D,

@@ -32,25 +32,128 @@ using cpu_acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 template <typename T>
 std::vector<const T*> data_ptrs(const std::vector<at::Tensor>& ts) {
   std::vector<const T*> out;
+  out.reserve(ts.size());
   for (const auto& t : ts) out.push_back(t.data_ptr<T>());
   return out;
 }
 
 uint64_t seed_value(const HeadDims& d, const std::optional<at::Tensor>& seed) {
-  return d.dropout ? (uint64_t)seed->item<int64_t>() : 0;  // CPU tensor: no device sync
+  // a CPU tensor (checked): read directly, no dispatcher round trip
+  return d.dropout ? (uint64_t)seed->const_data_ptr<int64_t>()[0] : 0;
+}
+
+// ---- accurate sums ---------------------------------------------------------------------------
+// Sequential fp32 summation loses accuracy linearly in the number of terms (a dot product of
+// 2^25 equal terms stalls at half its value).  Dot products here are pairwise: blocks of at
+// most kPairBlock terms, each summed in 8 interleaved partial sums, combined in a binary tree
+// (error O(log K) instead of O(K), as numpy's pairwise sum); long sums of vectors use the same
+// tree over blocks of kPairBlock terms (VectorSum).  Both are in a fixed order: deterministic.
+constexpr int64_t kPairBlock = 128;
+
+template <typename A, typename T>
+A dot_pairwise(const A* u, const T* w, int64_t K) {
+  if (K <= kPairBlock) {
+    A s[8] = {A(0), A(0), A(0), A(0), A(0), A(0), A(0), A(0)};
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8)
+      for (int i = 0; i < 8; ++i) s[i] += u[k + i] * (A)w[k + i];
+    A r = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+    for (; k < K; ++k) r += u[k] * (A)w[k];
+    return r;
+  }
+  const int64_t half = (K / 2 + 7) / 8 * 8;
+  return dot_pairwise(u, w, half) + dot_pairwise(u + half, w + half, K - half);
+}
+
+// Sum of a stream of vectors of length len: add terms into block(), then call next(terms).
+// Every kPairBlock terms the block joins a binary carry chain of partial sums (level l holds
+// the sum of 2^l blocks), so the sum is pairwise over blocks.  (Terms come in groups of at
+// most kGroup, a divisor of kPairBlock, so blocks always hold exactly kPairBlock terms.)
+template <typename A>
+class VectorSum {
+ public:
+  void reset(int64_t len) {
+    len_ = len;
+    terms_ = 0;
+    block_.assign(len, A(0));
+    for (auto& l : levels_) l.clear();
+  }
+  A* block() { return block_.data(); }
+  void next(int64_t terms) {
+    if ((terms_ += terms) < kPairBlock) return;
+    terms_ = 0;
+    for (size_t l = 0;; ++l) {
+      if (l == levels_.size()) levels_.emplace_back();
+      if (levels_[l].empty()) {
+        levels_[l].swap(block_);
+        break;
+      }
+      for (int64_t i = 0; i < len_; ++i) block_[i] += levels_[l][i];
+      levels_[l].clear();
+    }
+    block_.assign(len_, A(0));
+  }
+  // The total, from the partial block up the levels (a fixed order).
+  A* total() {
+    for (auto& l : levels_)
+      if (!l.empty())
+        for (int64_t i = 0; i < len_; ++i) block_[i] += l[i];
+    return block_.data();
+  }
+
+ private:
+  int64_t len_ = 0, terms_ = 0;
+  std::vector<A> block_;
+  std::vector<std::vector<A>> levels_;
+};
+
+// Rows per parallel_for task: enough work (multiply-adds) per task that threads pay off, so
+// a tiny batch runs inline on the calling thread.
+int64_t grain_for(int64_t work_per_item) {
+  constexpr int64_t kWorkPerTask = 1 << 16;
+  return std::max<int64_t>(1, kWorkPerTask / std::max<int64_t>(1, work_per_item));
+}
+
+// v[c] *= dropout(column c of u_L) for the columns of u_L that dropout applies to.
+template <typename A>
+void apply_dropout(const HeadDims& d, const LayerInfo& li, int row, uint64_t seed, A* v) {
+  const A scale = (A)d.scale;
+  const int c0 = li.drop_x ? 0 : li.xw, c1 = li.drop_h ? li.K : li.xw;
+  for (int c = c0; c < c1; ++c)
+    v[c] = keep_element(seed, c, row, li.stream, d.threshold) ? v[c] * scale : A(0);
 }
 
 // u_L of one row, dropout applied, in the accumulation type.
 template <typename T, typename A>
-void build_input(const HeadDims& d, const LayerInfo& li, int row, uint64_t seed, const T* xrow,
-                 const A* hrow, A* u) {
-  const A scale = (A)d.scale;
-  for (int c = 0; c < li.K; ++c) {
-    const bool in_x = c < li.xw;
-    A v = in_x ? (A)xrow[li.xoff + c] : hrow[li.hoff + c - li.xw];
-    if (in_x ? li.drop_x : li.drop_h)
-      v = keep_element(seed, c, row, li.stream, d.threshold) ? v * scale : A(0);
-    u[c] = v;
+void build_input(const HeadDims& d, const LayerInfo& li, int row, uint64_t seed,
+                 const T* __restrict xrow, const A* __restrict hrow, A* __restrict u) {
+  for (int c = 0; c < li.xw; ++c) u[c] = (A)xrow[li.xoff + c];
+  for (int c = 0; c < li.hw; ++c) u[li.xw + c] = hrow[li.hoff + c];
+  if (li.drop_x || li.drop_h) apply_dropout(d, li, row, seed, u);
+}
+
+// acc[0:len] += sum over i < m of g[i] * v_i[0:len], v_i = v + i * stride, m <= kGroup: a
+// group of terms per pass over acc (fewer loads and stores of acc than one term at a time).
+constexpr int kGroup = 4;
+static_assert(kPairBlock % kGroup == 0, "blocks must hold whole groups");
+
+template <typename A, typename T>
+inline void add_terms(A* __restrict acc, const A* g, const T* v, int64_t stride, int m,
+                      int64_t len) {
+  if (m == kGroup) {
+    const T* __restrict v0 = v;
+    const T* __restrict v1 = v + stride;
+    const T* __restrict v2 = v + 2 * stride;
+    const T* __restrict v3 = v + 3 * stride;
+    const A g0 = g[0], g1 = g[1], g2 = g[2], g3 = g[3];
+    for (int64_t c = 0; c < len; ++c)
+      acc[c] += (g0 * (A)v0[c] + g1 * (A)v1[c]) + (g2 * (A)v2[c] + g3 * (A)v3[c]);
+    return;
+  }
+  for (int i = 0; i < m; ++i) {
+    const T* __restrict vi = v + i * stride;
+    const A gi = g[i];
+    for (int64_t c = 0; c < len; ++c) acc[c] += gi * (A)vi[c];
   }
 }
 
@@ -59,40 +162,32 @@ void forward_cpu(const HeadDims& d, const T* x, const std::vector<const T*>& W,
                  const std::vector<const T*>& bias, uint64_t seed, T* y, T* hidden) {
   using A = cpu_acc_t<T>;
   const int n = d.n, nH = d.n * d.H;
-  // W_L^T in the accumulation type, so the inner loop runs over contiguous outputs.
-  std::vector<std::vector<A>> Wt(n + 1), bs(n + 1);
+  std::vector<LayerInfo> lis(n + 1);
   int maxK = 0;
+  int64_t work = 0;
   for (int L = 0; L <= n; ++L) {
-    const LayerInfo li = layer_info(d, L);
-    maxK = std::max(maxK, li.K);
-    Wt[L].resize((size_t)li.K * li.N);
-    for (int j = 0; j < li.N; ++j)
-      for (int k = 0; k < li.K; ++k) Wt[L][(size_t)k * li.N + j] = (A)W[L][(size_t)j * li.K + k];
-    bs[L].resize(li.N);
-    for (int j = 0; j < li.N; ++j) bs[L][j] = (A)bias[L][j];
+    lis[L] = layer_info(d, L);
+    maxK = std::max(maxK, lis[L].K);
+    work += (int64_t)lis[L].K * lis[L].N;
   }
-  at::parallel_for(0, d.B, 8, [&](int64_t r0, int64_t r1) {
-    std::vector<A> h(nH), u(maxK), z(std::max(d.H, d.C));
+  at::parallel_for(0, d.B, grain_for(work), [&](int64_t r0, int64_t r1) {
+    std::vector<A> h(nH), u(maxK);
     for (int64_t row = r0; row < r1; ++row) {
       const T* xrow = x + row * d.D;
       for (int L = 0; L <= n; ++L) {
-        const LayerInfo li = layer_info(d, L);
+        const LayerInfo& li = lis[L];
         build_input<T, A>(d, li, (int)row, seed, xrow, h.data(), u.data());
-        std::copy(bs[L].begin(), bs[L].end(), z.begin());
-        for (int k = 0; k < li.K; ++k) {
-          const A uk = u[k];
-          const A* wk = &Wt[L][(size_t)k * li.N];
-          for (int j = 0; j < li.N; ++j) z[j] += uk * wk[j];
-        }
-        if (L < n) {
-          for (int j = 0; j < d.H; ++j) {
-            const A r = z[j] < A(0) ? A(0) : z[j];  // keeps NaN, like torch.relu
-            const T rt = (T)r;                        // h is stored in x's dtype
+        for (int j = 0; j < li.N; ++j) {
+          // z_j = u . W_L[j, :] + b_j  (W_L row-major: row j is contiguous)
+          const A z = dot_pairwise(u.data(), W[L] + (int64_t)j * li.K, li.K) + (A)bias[L][j];
+          if (L < n) {
+            const A r = z < A(0) ? A(0) : z;  // keeps NaN, like torch.relu
+            const T rt = (T)r;                // h is stored in x's dtype
             h[L * d.H + j] = (A)rt;
             if (hidden) hidden[row * nH + L * d.H + j] = rt;
+          } else {
+            y[row * d.C + j] = (T)z;
           }
-        } else {
-          for (int j = 0; j < d.C; ++j) y[row * d.C + j] = (T)z[j];
         }
       }
     }
@@ -113,10 +208,12 @@ void backward_cpu(const HeadDims& d, const T* gy, const T* x, const std::vector<
     zoff[L + 1] = zoff[L] + lis[L].N;
     maxK = std::max(maxK, lis[L].K);
   }
+  const int64_t work = zoff[n + 1] == 0 ? 1 : uoff[n + 1] * zoff[n + 1] / (n + 1);
   // Per row: every layer's dropped input u_L and output gradient dz_L (needed for dW).
   std::vector<A> U((size_t)d.B * uoff[n + 1]), DZ((size_t)d.B * zoff[n + 1]);
-  at::parallel_for(0, d.B, 8, [&](int64_t r0, int64_t r1) {
-    std::vector<A> h(nH), dh(nH), gxa(d.D), du(maxK);
+  at::parallel_for(0, d.B, grain_for(2 * work), [&](int64_t r0, int64_t r1) {
+    std::vector<A> h(nH), dh(nH), gxa(d.D);
+    VectorSum<A> du;
     for (int64_t row = r0; row < r1; ++row) {
       const T* xrow = x + row * d.D;
       for (int j = 0; j < nH; ++j) h[j] = (A)hidden[row * nH + j];
@@ -135,46 +232,48 @@ void backward_cpu(const HeadDims& d, const T* gy, const T* x, const std::vector<
           // ReLU backward as torch: zero where the output is <= 0 (NaN passes the gradient)
           for (int j = 0; j < d.H; ++j) dz[j] = h[L * d.H + j] <= A(0) ? A(0) : dh[L * d.H + j];
         }
-        std::fill(du.begin(), du.begin() + li.K, A(0));
-        for (int j = 0; j < li.N; ++j) {
-          const A g = dz[j];
-          const T* wj = W[L] + (size_t)j * li.K;
-          for (int c = 0; c < li.K; ++c) du[c] += g * (A)wj[c];
+        // du = dz_L W_L: a sum over the layer's outputs j (rows of W_L), kGroup at a time
+        du.reset(li.K);
+        for (int j = 0; j < li.N; j += kGroup) {
+          const int m = std::min(kGroup, li.N - j);
+          add_terms(du.block(), dz + j, W[L] + (size_t)j * li.K, li.K, m, li.K);
+          du.next(m);
         }
-        const A scale = (A)d.scale;
-        for (int c = 0; c < li.K; ++c) {
-          const bool in_x = c < li.xw;
-          A v = du[c];
-          if (in_x ? li.drop_x : li.drop_h)
-            v = keep_element(seed, c, (int)row, li.stream, d.threshold) ? v * scale : A(0);
-          if (in_x) gxa[li.xoff + c] += v;
-          else dh[li.hoff + c - li.xw] += v;
-        }
+        A* dus = du.total();
+        if (li.drop_x || li.drop_h) apply_dropout(d, li, (int)row, seed, dus);
+        for (int c = 0; c < li.xw; ++c) gxa[li.xoff + c] += dus[c];
+        for (int c = 0; c < li.hw; ++c) dh[li.hoff + c] += dus[li.xw + c];
       }
       for (int c = 0; c < d.D; ++c) gx[row * d.D + c] = (T)gxa[c];
     }
   });
-  // dW_L[j, :] = sum over rows (in order) of dz_L[row, j] * u_L[row, :]; one task per (L, j),
-  // so the result does not depend on the number of threads.
+  // dW_L[j, :] = sum over rows of dz_L[row, j] * u_L[row, :] and db_L[j] = sum of dz_L[row, j]
+  // (element K of the same sum); one task per (L, j), rows summed in a fixed order, so the
+  // result does not depend on the number of threads.
   std::vector<std::pair<int, int>> tasks;
+  tasks.reserve(zoff[n + 1]);
   for (int L = 0; L <= n; ++L)
     for (int j = 0; j < lis[L].N; ++j) tasks.emplace_back(L, j);
-  at::parallel_for(0, (int64_t)tasks.size(), 1, [&](int64_t t0, int64_t t1) {
-    std::vector<A> acc(maxK);
+  at::parallel_for(0, (int64_t)tasks.size(), grain_for((int64_t)d.B * maxK),
+                   [&](int64_t t0, int64_t t1) {
+    VectorSum<A> acc;
     for (int64_t t = t0; t < t1; ++t) {
       const int L = tasks[t].first, j = tasks[t].second;
       const LayerInfo& li = lis[L];
-      std::fill(acc.begin(), acc.begin() + li.K, A(0));
-      A db = 0;
-      for (int64_t row = 0; row < d.B; ++row) {
-        const A g = DZ[(size_t)row * zoff[n + 1] + zoff[L] + j];
-        const A* u = &U[(size_t)row * uoff[n + 1] + uoff[L]];
-        for (int c = 0; c < li.K; ++c) acc[c] += g * u[c];
-        db += g;
+      acc.reset(li.K + 1);
+      for (int64_t row = 0; row < d.B; row += kGroup) {  // kGroup rows at a time
+        const int m = (int)std::min<int64_t>(kGroup, d.B - row);
+        A g[kGroup];
+        for (int i = 0; i < m; ++i) g[i] = DZ[(size_t)(row + i) * zoff[n + 1] + zoff[L] + j];
+        A* a = acc.block();
+        add_terms(a, g, &U[(size_t)row * uoff[n + 1] + uoff[L]], uoff[n + 1], m, li.K);
+        for (int i = 0; i < m; ++i) a[li.K] += g[i];
+        acc.next(m);
       }
+      const A* sum = acc.total();
       const int64_t woff = param_offset(d, L);
-      for (int c = 0; c < li.K; ++c) gparams[woff + (int64_t)j * li.K + c] = (T)acc[c];
-      gparams[woff + (int64_t)li.N * li.K + j] = (T)db;
+      for (int c = 0; c < li.K; ++c) gparams[woff + (int64_t)j * li.K + c] = (T)sum[c];
+      gparams[woff + (int64_t)li.N * li.K + j] = (T)sum[li.K];
     }
   });
 }
@@ -216,8 +315,8 @@ std::tuple<at::Tensor, at::Tensor> head_backward_cpu(
                    hidden = hidden_.contiguous();
   const auto weights = contiguous_all(weights_);
   at::Tensor grad_x = at::empty({d.B, d.D}, x.options());
-  at::Tensor grad_params = at::zeros({param_offset(d, d.n + 1)}, x.options());
-  if (d.B == 0) return {grad_x, grad_params};
+  at::Tensor grad_params = at::empty({param_offset(d, d.n + 1)}, x.options());
+  if (d.B == 0) return {grad_x, grad_params.zero_()};
   const uint64_t s = seed_value(d, seed);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "head_backward_cpu",
                                   [&] {

@@ -1,11 +1,47 @@
-"""Which fused backends exist here, and which one ``backend="auto"`` picks."""
+"""The backend registry: which fused backends exist, which one a module runs.
+
+This module imports no backend.  Each fused backend registers itself when it is imported
+(``spinalkern/__init__.py`` imports them): ``spinalkern/triton_head.py`` and
+``spinalkern/cuda_backend.py`` each call :func:`register` with a :class:`Backend` that holds
+its forward op object, so a module calls ``backend.forward_op(...)`` directly (no lookup by
+name).  ``"torch"`` (the eager reference, :func:`resolve` returns ``None`` for it) and
+``"auto"`` are not backends but choices.  :func:`names` lists every choice, in order, for the
+modules, models, benchmarks and command lines.
+"""
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 
-BACKENDS = ("auto", "torch", "triton", "cuda")
+# The choices that are not registered backends.
+AUTO, TORCH = "auto", "torch"
+# backend="auto" on a CUDA device: the first of these that is available (then any other
+# registered backend, in registration order); on CPU always the eager reference.  The order
+# is provisional: it will follow the GPU benchmarks (bench/).
+AUTO_PREFERENCE = ("triton", "cuda")
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One fused backend.
+
+    ``available(device)``: can it run on tensors of ``device`` here?  ``forward_op``: its
+    ``torch.ops.spinalkern.<name>_head_forward.default`` (None when not built/loaded; then
+    ``available`` is False).  ``build_hint()``: what to do when it is not available.
+    ``bn_forward_op``: its training-mode BatchNorm op, when it has one.
+    """
+    name: str
+    available: Callable[[torch.device], bool]
+    forward_op: Optional[torch._ops.OpOverload]
+    build_hint: Callable[[], str]
+    bn_forward_op: Optional[torch._ops.OpOverload] = None
+
+
+_registry: dict[str, Backend] = {}
+_resolved: dict[tuple[str, torch.device], Optional[Backend]] = {}
 
 
 def interpreting() -> bool:
@@ -13,63 +49,65 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def triton_available(device: torch.device) -> bool:
-    from . import triton_head
-    if not triton_head.HAVE_TRITON:
-        return False
-    return device.type == "cuda" or (device.type == "cpu" and interpreting())
+def register(backend: Backend) -> Backend:
+    """Add (or replace) a fused backend; called by each backend module when it loads."""
+    if backend.name in (AUTO, TORCH):
+        raise ValueError(f"{backend.name!r} is a reserved backend name")
+    _registry[backend.name] = backend
+    _resolved.clear()
+    return backend
 
 
-def cuda_available(device: torch.device) -> bool:
-    from . import cuda_backend
-    if not cuda_backend.available():
-        return False
-    return device.type == "cpu" or (device.type == "cuda" and cuda_backend.has_cuda_kernels())
+def names() -> tuple[str, ...]:
+    """Every backend choice: "auto", "torch", then the registered fused backends."""
+    return (AUTO, TORCH, *_registry)
+
+
+def get(name: str) -> Backend:
+    """The registered fused backend ``name`` (ValueError for an unknown name)."""
+    try:
+        return _registry[name]
+    except KeyError:
+        raise ValueError(f"backend must be one of {names()}, got {name!r}") from None
+
+
+def check_name(name) -> str:
+    """``name`` if it is a known choice, else a ValueError listing the choices."""
+    if not isinstance(name, str) or name not in names():
+        raise ValueError(f"backend must be one of {names()}, got {name!r}")
+    return name
 
 
 def available_backends(device) -> list[str]:
-    """The backends that can run on ``device`` here (always includes "torch")."""
+    """The choices that can run on ``device`` here ("torch" always; "auto" never listed)."""
     device = torch.device(device)
-    out = ["torch"]
-    if triton_available(device):
-        out.append("triton")
+    return [TORCH] + [b.name for b in _registry.values() if b.available(device)]
+
+
+def resolve(requested: str, device: torch.device) -> Optional[Backend]:
+    """The backend that runs for ``requested`` on ``device``: a :class:`Backend`, or ``None``
+    for the eager torch reference.  A fused backend that cannot run there raises a
+    RuntimeError that says why and what to do.  Cached per (requested, device)."""
+    key = (requested, device)
     try:
-        if cuda_available(device):
-            out.append("cuda")
-    except ImportError:
+        return _resolved[key]
+    except KeyError:
         pass
+    out = _resolve(requested, device)
+    _resolved[key] = out
     return out
 
 
-def resolve(backend: str, device: torch.device) -> str:
-    """Turn a requested backend into the one to run, or raise a clear error.
-
-    ``auto``: on a CUDA device the fused Triton kernels, else the CUDA extension, else torch;
-    on CPU the eager torch reference (the interpreter and the extension's C++ CPU ops exist
-    for verification, not speed).
-    """
-    if backend == "torch":
-        return "torch"
-    if backend == "auto":
-        if device.type == "cuda":
-            for b in ("triton", "cuda"):
-                if b in available_backends(device):
-                    return b
-        return "torch"
-    if backend == "triton":
-        if not triton_available(device):
-            raise RuntimeError(
-                f"backend='triton' cannot run on {device}: it needs a CUDA tensor and the triton "
-                "package (or TRITON_INTERPRET=1 set before importing triton, to run the kernels "
-                "on CPU tensors in Triton's interpreter)")
-        return "triton"
-    if backend == "cuda":
-        from . import cuda_backend
-        if not cuda_backend.available():
-            raise RuntimeError("backend='cuda' needs the compiled extension spinalkern._C, "
-                               "which is not built. " + cuda_backend.build_hint())
-        if device.type == "cuda" and not cuda_backend.has_cuda_kernels():
-            raise RuntimeError("spinalkern._C was built without CUDA kernels (CPU-only build). "
-                               + cuda_backend.build_hint())
-        return "cuda"
-    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+def _resolve(requested: str, device: torch.device) -> Optional[Backend]:
+    if requested == TORCH:
+        return None
+    if requested == AUTO:
+        if device.type != "cuda":  # on CPU the fused backends exist for verification only
+            return None
+        order = [n for n in AUTO_PREFERENCE if n in _registry]
+        order += [n for n in _registry if n not in order]
+        return next((_registry[n] for n in order if _registry[n].available(device)), None)
+    b = get(requested)
+    if not b.available(device):
+        raise RuntimeError(f"backend={requested!r} cannot run on {device}: {b.build_hint()}")
+    return b

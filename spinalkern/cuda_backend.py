@@ -2,9 +2,12 @@
 
 Importing this module never fails: when the extension is not built, :func:`available` is
 False and :func:`build_hint` says how to build it.  When it is built, loading it registers
-``torch.ops.spinalkern.cuda_head_forward`` / ``cuda_head_backward`` (C++ CPU implementation
-always, CUDA kernels when the build had nvcc), and this module registers their fake (meta)
-implementations and autograd once, through :func:`spinalkern.ops.register_backend`.
+``torch.ops.spinalkern.cuda_head_forward`` / ``cuda_head_backward`` with their C++ CPU
+implementation, their CUDA kernels (when the build had nvcc) and their autograd (in C++,
+csrc/head_autograd.cpp: backward runs in the C++ autograd engine); this module adds their
+fake (meta) implementations and registers the backend ``"cuda"`` in
+``spinalkern._backends`` (also when the extension is missing, so that ``backend="cuda"``
+says how to build it).
 """
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ import importlib.util
 
 import torch
 
-from . import ops
+from . import _backends, ops
 
 _C = None
 _import_error: BaseException | None = None
@@ -24,7 +27,7 @@ if importlib.util.find_spec(f"{__package__}._C") is not None:
 
 forward_op = None
 if _C is not None:
-    forward_op = ops.register_backend("cuda")
+    forward_op = ops.register_fakes("cuda")
 
     @torch.library.register_fake("spinalkern::cuda_keep_mask")
     def _keep_mask_fake(seed, stream, rows, cols, p):
@@ -44,6 +47,13 @@ def has_cuda_kernels() -> bool:
         "spinalkern::cuda_head_forward", "CUDA")
 
 
+def available_on(device: torch.device) -> bool:
+    """Can the extension run on tensors of ``device`` here?"""
+    if device.type == "cpu":
+        return available()
+    return device.type == "cuda" and has_cuda_kernels()
+
+
 def build_hint() -> str:
     """How to build the extension (shown when ``backend="cuda"`` cannot run)."""
     hint = ("Build the CUDA extension from the repository root with "
@@ -54,4 +64,10 @@ def build_hint() -> str:
             "See docs/cuda.md.")
     if _import_error is not None:
         hint += f" (spinalkern._C exists but failed to load: {_import_error})"
+    elif _C is not None and not has_cuda_kernels():
+        hint = "spinalkern._C was built without its CUDA kernels (a CPU-only build). " + hint
     return hint
+
+
+BACKEND = _backends.register(_backends.Backend(
+    name="cuda", available=available_on, forward_op=forward_op, build_hint=build_hint))

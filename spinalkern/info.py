@@ -56,10 +56,11 @@ def backend_report() -> dict:
     report = {}
     for device in _devices():
         available = spinalkern.available_backends(device)
-        names = [b for b in _backends.BACKENDS if b != "auto"]
+        names = [b for b in _backends.names() if b != "auto"]
+        auto = _backends.resolve("auto", device)
         report[str(device)] = {
             "available": available,
-            "auto": _backends.resolve("auto", device),
+            "auto": auto.name if auto is not None else "torch",
             "unavailable": {b: _why_not(b, device) for b in names if b not in available},
         }
     return report

@@ -18,26 +18,37 @@ def _check_size(name, v, allow_zero=False):
 
 
 class _Head(nn.Module):
+    """The configuration is checked once, here; each call checks only x (shape, dtype,
+    device) and runs the backend resolved for x's device (see ``spinalkern._backends``)."""
+
     def __init__(self, spec: HeadSpec, dropout: float, batch_norm: bool, backend: str):
         super().__init__()
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) \
                 or not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
-        if backend not in _backends.BACKENDS:
-            raise ValueError(f"backend must be one of {_backends.BACKENDS}, got {backend!r}")
+        if not isinstance(batch_norm, bool):
+            raise TypeError(f"batch_norm must be a bool, got {type(batch_norm).__name__} "
+                            f"{batch_norm!r}")
         self.spec = spec
         self.dropout = float(dropout)
-        self.backend = backend
+        self.backend = _backends.check_name(backend)
         self.layers = nn.ModuleList(nn.Linear(spec.in_width(L), spec.H) for L in range(spec.n))
         self.out = nn.Linear(spec.in_width(spec.n), spec.C)
         self.norms = (nn.ModuleList(nn.BatchNorm1d(spec.H) for _ in range(spec.n))
                       if batch_norm else None)
 
+    def _params(self):
+        """([W_0..W_out], [b_0..b_out]) of the live submodules, read without nn.Module's
+        attribute lookup (this runs on every call)."""
+        linears = (*self._modules["layers"]._modules.values(), self._modules["out"])
+        return ([m._parameters["weight"] for m in linears],
+                [m._parameters["bias"] for m in linears])
+
     def weights(self) -> list[torch.Tensor]:
-        return [m.weight for m in self.layers] + [self.out.weight]
+        return self._params()[0]
 
     def biases(self) -> list[torch.Tensor]:
-        return [m.bias for m in self.layers] + [self.out.bias]
+        return self._params()[1]
 
     def extra_repr(self) -> str:
         s = self.spec
@@ -48,25 +59,22 @@ class _Head(nn.Module):
     def _check_input(self, x):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-        if not (x.is_floating_point()):
+        if not x.is_floating_point():
             raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
         if x.dim() != 2:
             raise ValueError(f"x must have shape (batch, {self.spec.D}), got {tuple(x.shape)}")
         if x.shape[1] != self.spec.D:
             raise ValueError(f"x has {x.shape[1]} features, expected in_features={self.spec.D}")
-        w = self.out.weight
+        w = self._modules["out"]._parameters["weight"]
         if x.device != w.device:
             raise ValueError(f"x is on {x.device} but the head's parameters are on {w.device}")
-        if not torch.is_autocast_enabled(x.device.type) and x.dtype != w.dtype:
+        if x.dtype != w.dtype and not torch.is_autocast_enabled(x.device.type):
             raise TypeError(f"x has dtype {x.dtype} but the head's parameters are {w.dtype}; "
                             "convert one, or use torch.autocast")
 
     def _folded_params(self):
         """Weights and biases with eval-mode BatchNorm folded in (z*scale + shift)."""
-        ws, bs = self.weights(), self.biases()
-        if self.norms is None:
-            return ws, bs
-        ws, bs = list(ws), list(bs)
+        ws, bs = self._params()
         for i, bn in enumerate(self.norms):
             scale = torch.rsqrt(bn.running_var + bn.eps)
             if bn.weight is not None:
@@ -82,32 +90,46 @@ class _Head(nn.Module):
         self._check_input(x)
         backend = _backends.resolve(self.backend, x.device)
         p = self.dropout if self.training else 0.0
-        if backend == "torch" or (self.norms is not None and self.training):
+        if backend is None or (self.norms is not None and self.training):
             # The eager reference; training-mode BatchNorm couples the whole batch, so it always
             # runs here (its statistics must be computed before any layer can continue).
-            return reference_forward(self.spec, x, self.weights(), self.biases(), p,
+            ws, bs = self._params()
+            return reference_forward(self.spec, x, ws, bs, p,
                                      norms=list(self.norms) if self.norms is not None else None)
-        ws, bs = self._folded_params()
-        return fused_head(self.spec, x, ws, bs, p, backend)
+        ws, bs = self._folded_params() if self.norms is not None else self._params()
+        return _run_op(backend.forward_op, self.spec, x, ws, bs, p)
 
 
-def fused_head(spec: HeadSpec, x, weights, biases, dropout: float, backend: str):
-    """Run a fused backend's op, casting for autocast and choosing what to save for backward."""
+def _run_op(op, spec: HeadSpec, x, weights, biases, dropout: float):
+    """Call a fused forward op: cast for autocast, draw the dropout seed, and save the hidden
+    activations only when a backward can follow."""
     dev = x.device.type
     if torch.is_autocast_enabled(dev):
         dtype = torch.get_autocast_dtype(dev)
         x = x.to(dtype)
         weights = [w.to(dtype) for w in weights]
         biases = [b.to(dtype) for b in biases]
-    # (without autocast the op itself checks that every weight has x's dtype)
-    op = getattr(torch.ops.spinalkern, f"{backend}_head_forward")
+    # (without autocast the op itself checks that every weight has x's dtype; it also accepts
+    # any strides)
     seed = new_seed(x.device) if dropout > 0.0 else None
-    needs_grad = torch.is_grad_enabled() and (
-        x.requires_grad or any(t.requires_grad for t in (*weights, *biases)))
-    y, _ = op(x.contiguous(), [w.contiguous() for w in weights],
-              [b.contiguous() for b in biases], seed, spec.kind_code, spec.num_splits,
-              dropout, needs_grad)
-    return y
+    needs_grad = False
+    if torch.is_grad_enabled():
+        for t in (x, *weights, *biases):
+            if t.requires_grad:
+                needs_grad = True
+                break
+    return op(x, weights, biases, seed, spec.kind_code, spec.num_splits, dropout, needs_grad)[0]
+
+
+def fused_head(spec: HeadSpec, x, weights, biases, dropout: float, backend="auto"):
+    """y of the head ``spec`` through a fused backend (a name, or a registered
+    ``spinalkern._backends.Backend``), as the modules run it (autocast, dropout seed)."""
+    if isinstance(backend, str):
+        name = backend
+        backend = _backends.resolve(_backends.check_name(name), x.device)
+        if backend is None:
+            raise ValueError(f"backend={name!r} runs no fused backend on {x.device}")
+    return _run_op(backend.forward_op, spec, x, weights, biases, dropout)
 
 
 class SpinalHead(_Head):

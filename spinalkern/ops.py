@@ -13,13 +13,24 @@ Each fused backend ``B`` (``"triton"``, ``"cuda"``) provides two ops with the sa
     ``grad_params`` is one flat tensor in the weights' dtype holding, for L = 0..n, ``dW_L``
     (row-major) then ``db_L``.
 
-This module defines the schemas, the shape checks, the fake (meta) implementations and the
-autograd formula once; a backend only supplies its kernels (see ``register_backend``).
+Every op accepts tensors of any strides (it copies what it needs contiguous) and checks all
+of its arguments (ValueError / TypeError naming the argument); the backward op checks
+everything the forward op does.  The outputs are always new contiguous tensors.
+
+This module holds the schemas, the argument checks (the Python ones; the CUDA extension has
+the same checks in C++, csrc/op_checks.h), the fake (meta) implementations and the Python
+autograd formula (used by the Triton backend; the CUDA extension registers its autograd in
+C++, csrc/head_autograd.cpp).  Differentiating a backward again (``create_graph=True``)
+recomputes it with differentiable torch ops (:func:`differentiable_backward`); the backward
+ops themselves are not differentiable and say so.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
+from .reference import reference_forward
 from .spec import KINDS, HeadSpec
 
 FORWARD_SCHEMA = ("(Tensor x, Tensor[] weights, Tensor[] biases, Tensor? seed, int kind, "
@@ -27,17 +38,32 @@ FORWARD_SCHEMA = ("(Tensor x, Tensor[] weights, Tensor[] biases, Tensor? seed, i
 BACKWARD_SCHEMA = ("(Tensor grad_y, Tensor x, Tensor[] weights, Tensor hidden, Tensor? seed, "
                    "int kind, int num_splits, float dropout) -> (Tensor, Tensor)")
 
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@functools.lru_cache(maxsize=256)
+def head_spec(kind: int, D: int, H: int, n: int, C: int, num_splits: int) -> HeadSpec:
+    """The HeadSpec of an op call (cached: ops rebuild it from their arguments' shapes)."""
+    if kind not in (0, 1):
+        raise ValueError(f"kind must be 0 (spinal) or 1 (progressive), got {kind}")
+    return HeadSpec(KINDS[kind], D, H, n, C, num_splits)
+
 
 def spec_from_args(x, weights, kind: int, num_splits: int) -> HeadSpec:
-    """Rebuild the HeadSpec from the op's arguments, checking every shape."""
+    """Rebuild the HeadSpec from the op's arguments, checking x's and every weight's shape."""
     if kind not in (0, 1):
         raise ValueError(f"kind must be 0 (spinal) or 1 (progressive), got {kind}")
     if len(weights) < 2:
         raise ValueError("weights must hold at least one hidden layer and the output layer")
     if x.dim() != 2:
         raise ValueError(f"x must be 2-D (batch, in_features), got shape {tuple(x.shape)}")
-    spec = HeadSpec(KINDS[kind], int(x.shape[1]), int(weights[0].shape[0]), len(weights) - 1,
-                    int(weights[-1].shape[0]), num_splits)
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"x must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    for L, w in enumerate(weights):
+        if w.dim() != 2:
+            raise ValueError(f"weights[{L}] must be 2-D, got shape {tuple(w.shape)}")
+    spec = head_spec(kind, int(x.shape[1]), int(weights[0].shape[0]), len(weights) - 1,
+                     int(weights[-1].shape[0]), num_splits)
     for L, (w, shape) in enumerate(zip(weights, spec.weight_shapes())):
         if tuple(w.shape) != shape:
             raise ValueError(f"weights[{L}] has shape {tuple(w.shape)}, expected {shape} "
@@ -45,13 +71,14 @@ def spec_from_args(x, weights, kind: int, num_splits: int) -> HeadSpec:
     return spec
 
 
-def param_offsets(spec: HeadSpec) -> list[tuple[int, int, int]]:
+@functools.lru_cache(maxsize=256)
+def param_offsets(spec: HeadSpec) -> tuple[tuple[int, int, int], ...]:
     """(weight offset, bias offset, end) of each layer in the flat grad_params tensor."""
     out, off = [], 0
     for N, K in spec.weight_shapes():
         out.append((off, off + N * K, off + N * K + N))
         off += N * K + N
-    return out
+    return tuple(out)
 
 
 def split_grad_params(spec: HeadSpec, flat: torch.Tensor):
@@ -63,29 +90,97 @@ def split_grad_params(spec: HeadSpec, flat: torch.Tensor):
     return dws, dbs
 
 
+def _check_like_x(name: str, t, x, dtype=True):
+    if dtype and t.dtype != x.dtype:
+        raise TypeError(f"{name} has dtype {t.dtype} but x has {x.dtype}; the fused heads "
+                        "compute in one dtype (use torch.autocast for mixed precision)")
+    if t.device != x.device:
+        raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+
+
+def _check_dropout_and_seed(x, seed, dropout):
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    if dropout > 0.0:
+        if seed is None:
+            raise ValueError("seed is required when dropout > 0")
+        if seed.dtype != torch.int64 or seed.numel() != 1:
+            raise ValueError(f"seed must be a one-element int64 tensor, got dtype {seed.dtype} "
+                             f"with {seed.numel()} elements")
+        if seed.device != x.device:
+            raise ValueError(f"seed is on {seed.device} but x is on {x.device}")
+
+
 def check_forward_args(x, weights, biases, seed, kind, num_splits, dropout) -> HeadSpec:
+    """Every check of the forward op; returns the call's HeadSpec."""
     spec = spec_from_args(x, weights, kind, num_splits)
     if len(biases) != len(weights):
         raise ValueError(f"got {len(weights)} weights but {len(biases)} biases")
     for L, (w, b) in enumerate(zip(weights, biases)):
         if tuple(b.shape) != (w.shape[0],):
             raise ValueError(f"biases[{L}] has shape {tuple(b.shape)}, expected ({w.shape[0]},)")
-        for name, t in ((f"weights[{L}]", w), (f"biases[{L}]", b)):
-            if t.dtype != x.dtype:
-                raise TypeError(f"{name} has dtype {t.dtype} but x has {x.dtype}; the fused "
-                                "heads compute in one dtype (use torch.autocast for mixed precision)")
-            if t.device != x.device:
-                raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-    if dropout > 0.0:
-        if seed is None:
-            raise ValueError("seed is required when dropout > 0")
-        if seed.dtype != torch.int64 or seed.numel() != 1 or seed.device != x.device:
-            raise ValueError("seed must be a one-element int64 tensor on x's device")
+        _check_like_x(f"weights[{L}]", w, x)
+        _check_like_x(f"biases[{L}]", b, x)
+    _check_dropout_and_seed(x, seed, dropout)
     return spec
 
 
+def check_backward_args(grad_y, x, weights, hidden, seed, kind, num_splits,
+                        dropout) -> HeadSpec:
+    """Every check of the backward op (all that the forward checks, plus grad_y and hidden);
+    returns the call's HeadSpec."""
+    spec = spec_from_args(x, weights, kind, num_splits)
+    for L, w in enumerate(weights):
+        _check_like_x(f"weights[{L}]", w, x)
+    B = x.shape[0]
+    if tuple(grad_y.shape) != (B, spec.C):
+        raise ValueError(f"grad_y has shape {tuple(grad_y.shape)}, expected ({B}, {spec.C})")
+    if tuple(hidden.shape) != (B, spec.n * spec.H):
+        raise ValueError(f"hidden has shape {tuple(hidden.shape)}, expected "
+                         f"({B}, {spec.n * spec.H}) (the forward must run with save_hidden=True)")
+    _check_like_x("grad_y", grad_y, x)
+    _check_like_x("hidden", hidden, x)
+    _check_dropout_and_seed(x, seed, dropout)
+    return spec
+
+
+# -- the same checks, remembered per argument signature (for the Python launchers) -------------
+_checked: dict = {}
+
+
+def _sig(t):
+    return None if t is None else (t.shape, t.dtype, t.device)
+
+
+def _remember(key, check, args) -> HeadSpec:
+    spec = _checked.get(key)
+    if spec is None:
+        spec = check(*args)  # raises for bad arguments; only good signatures are remembered
+        if len(_checked) >= 1024:
+            _checked.clear()
+        _checked[key] = spec
+    return spec
+
+
+def checked_forward_args(x, weights, biases, seed, kind, num_splits, dropout) -> HeadSpec:
+    """:func:`check_forward_args`, run once per signature (shapes, dtypes, devices, scalars)
+    of the arguments and remembered.  Real tensors only (not under fake/symbolic shapes)."""
+    key = ("fwd", kind, num_splits, dropout, _sig(x), tuple(map(_sig, weights)),
+           tuple(map(_sig, biases)), _sig(seed))
+    return _remember(key, check_forward_args,
+                     (x, weights, biases, seed, kind, num_splits, dropout))
+
+
+def checked_backward_args(grad_y, x, weights, hidden, seed, kind, num_splits,
+                          dropout) -> HeadSpec:
+    """:func:`check_backward_args`, remembered per argument signature."""
+    key = ("bwd", kind, num_splits, dropout, _sig(grad_y), _sig(x), tuple(map(_sig, weights)),
+           _sig(hidden), _sig(seed))
+    return _remember(key, check_backward_args,
+                     (grad_y, x, weights, hidden, seed, kind, num_splits, dropout))
+
+
+# -- fake (meta) implementations -----------------------------------------------------------------
 def _fake_forward(x, weights, biases, seed, kind, num_splits, dropout, save_hidden):
     spec = check_forward_args(x, weights, biases, seed, kind, num_splits, dropout)
     y = x.new_empty((x.shape[0], spec.C))
@@ -94,36 +189,31 @@ def _fake_forward(x, weights, biases, seed, kind, num_splits, dropout, save_hidd
 
 
 def _fake_backward(grad_y, x, weights, hidden, seed, kind, num_splits, dropout):
-    spec = spec_from_args(x, weights, kind, num_splits)
-    return torch.empty_like(x), weights[0].new_empty((spec.num_params(),))
+    spec = check_backward_args(grad_y, x, weights, hidden, seed, kind, num_splits, dropout)
+    return x.new_empty(x.shape), weights[0].new_empty((spec.num_params(),))
 
 
-def _make_autograd(backward_op):
-    def setup_context(ctx, inputs, output):
-        x, weights, biases, seed, kind, num_splits, dropout, save_hidden = inputs
-        ctx.mark_non_differentiable(output[1])  # hidden is a by-product saved for backward
-        if not save_hidden:
-            ctx.no_hidden = True
-        else:
-            ctx.no_hidden = False
-            ctx.save_for_backward(x, output[1], seed if seed is not None else x.new_empty(0),
-                                  *weights)
-        ctx.args = (kind, num_splits, dropout, seed is not None)
+# -- double backward -----------------------------------------------------------------------------
+def differentiable_backward(grad_y, x, weights, hidden, seed, kind, num_splits, dropout):
+    """(grad_x, [dW_L], [db_L]) of the backward op, computed with differentiable torch ops so
+    that autograd can differentiate it again (``create_graph=True``, e.g. a gradient penalty).
 
-    def backward(ctx, grad_y, grad_hidden):
-        if ctx.no_hidden:
-            raise RuntimeError("spinalkern: the forward ran with save_hidden=False, so it cannot "
-                               "be differentiated; call it with save_hidden=True")
-        x, hidden, seed, *weights = ctx.saved_tensors
-        kind, num_splits, dropout, has_seed = ctx.args
-        grad_x, flat = backward_op(grad_y.contiguous(), x, weights, hidden,
-                                   seed if has_seed else None, kind, num_splits, dropout)
-        dws, dbs = split_grad_params(spec_from_args(x, weights, kind, num_splits), flat)
-        return grad_x, dws, dbs, None, None, None, None, None
-
-    return setup_context, backward
+    The forward is recomputed from the reference formulas with every h_i teacher-forced to the
+    saved activations (``reference_forward(..., hidden=...)``): the first derivatives are the
+    backward op's, ReLU masks and dropout masks included; second derivatives flow through x,
+    the weights and grad_y.  The biases do not enter the backward; zeros stand in for them."""
+    spec = check_backward_args(grad_y, x, weights, hidden, seed, kind, num_splits, dropout)
+    with torch.enable_grad():
+        leaves = [t if t.requires_grad else t.detach().requires_grad_() for t in (x, *weights)]
+        zeros = [w.new_zeros(w.shape[0]).requires_grad_() for w in weights]
+        y = reference_forward(spec, leaves[0], leaves[1:], zeros, dropout,
+                              seed if dropout > 0.0 else None, hidden=hidden)
+        grads = torch.autograd.grad(y, leaves + zeros, grad_y, create_graph=True)
+    n1 = len(weights)
+    return grads[0], list(grads[1:1 + n1]), list(grads[1 + n1:])
 
 
+# -- registration ---------------------------------------------------------------------------------
 def define_backend_ops(backend: str, lib: torch.library.Library | None = None):
     """Define the two op schemas for ``backend`` from Python (the Triton backend does this;
     the CUDA extension defines the same schemas in C++)."""
@@ -131,14 +221,64 @@ def define_backend_ops(backend: str, lib: torch.library.Library | None = None):
     torch.library.define(f"spinalkern::{backend}_head_backward", BACKWARD_SCHEMA, lib=lib)
 
 
-def register_backend(backend: str):
-    """Register fake implementations and autograd for ``spinalkern::{backend}_head_*``.
+def backend_ops(backend: str):
+    """(forward, backward) OpOverloads of ``spinalkern::{backend}_head_*``."""
+    ns = torch.ops.spinalkern
+    return (getattr(ns, f"{backend}_head_forward").default,
+            getattr(ns, f"{backend}_head_backward").default)
 
-    Returns the forward op (an OpOverloadPacket's default overload)."""
-    fwd = getattr(torch.ops.spinalkern, f"{backend}_head_forward").default
-    bwd = getattr(torch.ops.spinalkern, f"{backend}_head_backward").default
+
+def register_fakes(backend: str):
+    """Register the fake (meta) implementations of ``spinalkern::{backend}_head_*``; returns
+    the forward op.  Every backend uses these (the CUDA extension's autograd is in C++)."""
+    fwd, bwd = backend_ops(backend)
     torch.library.register_fake(fwd, _fake_forward)
     torch.library.register_fake(bwd, _fake_backward)
+    return fwd
+
+
+def _make_autograd(backward_op):
+    def setup_context(ctx, inputs, output):
+        x, weights, biases, seed, kind, num_splits, dropout, save_hidden = inputs
+        ctx.mark_non_differentiable(output[1])  # hidden is a by-product saved for backward
+        ctx.args = (kind, num_splits, dropout, save_hidden)
+        if save_hidden:
+            ctx.save_for_backward(x, output[1], seed, *weights)
+
+    def backward(ctx, grad_y, grad_hidden):
+        kind, num_splits, dropout, save_hidden = ctx.args
+        if not save_hidden:
+            raise RuntimeError("spinalkern: the forward ran with save_hidden=False, so it cannot "
+                               "be differentiated; call it with save_hidden=True")
+        x, hidden, seed, *weights = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: a backward that is differentiable
+            grad_x, dws, dbs = differentiable_backward(grad_y, x, weights, hidden, seed, kind,
+                                                       num_splits, dropout)
+            return grad_x, dws, dbs, None, None, None, None, None
+        grad_x, flat = backward_op(grad_y, x, weights, hidden, seed, kind, num_splits, dropout)
+        dws, dbs, off = [], [], 0
+        for w in weights:  # views of the flat gradient
+            N, K = w.shape
+            dws.append(flat[off:off + N * K].view(N, K))
+            dbs.append(flat[off + N * K:off + N * K + N])
+            off += N * K + N
+        return grad_x, dws, dbs, None, None, None, None, None
+
+    return setup_context, backward
+
+
+def _backward_op_backward(ctx, *grads):
+    raise RuntimeError(
+        "spinalkern: the backward ops are not differentiable; to differentiate a gradient "
+        "(create_graph=True), differentiate through the forward op, whose backward is then "
+        "computed with differentiable torch ops")
+
+
+def register_python_autograd(backend: str):
+    """Register the Python autograd of ``spinalkern::{backend}_head_forward`` (and make its
+    backward op raise a clear error when differentiated)."""
+    fwd, bwd = backend_ops(backend)
     setup_context, backward = _make_autograd(bwd)
     torch.library.register_autograd(fwd, backward, setup_context=setup_context)
+    torch.library.register_autograd(bwd, _backward_op_backward)
     return fwd

@@ -9,7 +9,8 @@ fused backends, which multiply each piece with the matching column block of ``W_
 (starting at column ``x_offset(L)``), then ``h_width(L)`` columns taken from the hidden
 activations ``hidden = [h_0; ...; h_{n-1}]`` (starting at column ``h_offset(L)``).
 
-* sequential SpinalNet (``kind="spinal"``), S splits, ``seg = D / S``:
+* sequential SpinalNet (``kind="spinal"``), S splits, ``seg = D / S``, ``S <= n`` (so that
+  every segment is read):
   layer L < n reads ``[x segment (L mod S); h_{L-1}]`` (no h for L = 0), the output layer reads
   ``[h_0; ...; h_{n-1}]``.  Dropout (if any) is applied to every layer's whole input ``u_L``
   with an independent mask per layer.
@@ -53,6 +54,12 @@ class HeadSpec:
                 raise ValueError(f"{name} must be positive, got {v}")
         if self.kind == "progressive" and self.num_splits != 1:
             raise ValueError("num_splits applies to the spinal head only (progressive reads all of x)")
+        if self.num_splits > self.num_layers:
+            raise ValueError(
+                f"num_splits ({self.num_splits}) must not exceed num_layers "
+                f"({self.num_layers}): layer i reads segment i mod num_splits, so "
+                f"{self.num_splits - self.num_layers} of the {self.num_splits} segments of x "
+                "would never be read")
         if self.in_features % self.num_splits != 0:
             raise ValueError(
                 f"in_features ({self.in_features}) must be divisible by num_splits "

@@ -2,29 +2,33 @@
 from __future__ import annotations
 
 import contextlib
-import threading
 
 import torch
+import torch.utils.deterministic
 
 from .spec import HeadSpec
-
-_state = threading.local()
-
-
-def poison_enabled() -> bool:
-    return getattr(_state, "poison", False)
 
 
 @contextlib.contextmanager
 def poisoned_outputs():
-    """Within this block the fused launchers allocate their outputs filled with NaN, so any
-    element a kernel fails to write is caught by the comparison with the reference."""
-    old = poison_enabled()
-    _state.poison = True
+    """Within this block every uninitialised allocation (torch.empty in the Triton launchers,
+    at::empty in the C++ ops) is filled with NaN, so any element a kernel fails to write is
+    caught by the comparison with the reference.
+
+    This is torch's own switch (``torch.utils.deterministic.fill_uninitialized_memory``, in
+    effect while deterministic algorithms are on, here in warn-only mode); the launchers
+    simply allocate with torch.empty and know nothing of it."""
+    det = torch.utils.deterministic
+    old_mode = torch.are_deterministic_algorithms_enabled()
+    old_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    old_fill = det.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    det.fill_uninitialized_memory = True
     try:
         yield
     finally:
-        _state.poison = old
+        torch.use_deterministic_algorithms(old_mode, warn_only=old_warn)
+        det.fill_uninitialized_memory = old_fill
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:

@@ -26,10 +26,9 @@ from dataclasses import dataclass
 import torch
 
 from . import _backends
-from .ops import check_forward_args, define_backend_ops, param_offsets, register_backend, \
-    spec_from_args
+from .ops import checked_backward_args, checked_forward_args, define_backend_ops, \
+    register_fakes, register_python_autograd
 from .rng import keep_threshold
-from .testing import poison_enabled
 
 try:
     import triton
@@ -431,10 +430,9 @@ def _dropout_args(dropout: float):
 
 
 def _empty(shape, like: torch.Tensor, dtype=None) -> torch.Tensor:
-    """Output allocation; under ``spinalkern.testing.poisoned_outputs()`` filled with NaN so
-    that an element a kernel forgets to write shows up in the tests."""
-    out = torch.empty(shape, dtype=dtype or like.dtype, device=like.device)
-    return out.fill_(float("nan")) if poison_enabled() else out
+    """Output allocation (tests poison it: ``spinalkern.testing.poisoned_outputs()`` makes
+    torch.empty fill with NaN, so an element a kernel forgets to write shows up)."""
+    return torch.empty(shape, dtype=dtype or like.dtype, device=like.device)
 
 
 def _check_triton_args(x, weights):
@@ -445,8 +443,12 @@ def _check_triton_args(x, weights):
 
 
 def head_forward(x, weights, biases, seed, kind, num_splits, dropout, save_hidden):
-    spec = check_forward_args(x, weights, biases, seed, kind, num_splits, dropout)
+    spec = checked_forward_args(x, weights, biases, seed, kind, num_splits, dropout)
     _check_triton_args(x, weights)
+    # ops accept any strides: inputs are made contiguous here (the kernels assume row-major)
+    x = x.contiguous()
+    weights = [w.contiguous() for w in weights]
+    biases = [b.contiguous() for b in biases]
     B = x.shape[0]
     y = _empty((B, spec.C), x)
     hidden = _empty((B, spec.n * spec.H) if save_hidden else (0,), x)
@@ -484,20 +486,17 @@ def wgrad_splits(spec, B: int, cfg: Config, device: torch.device) -> int:
 
 
 def head_backward(grad_y, x, weights, hidden, seed, kind, num_splits, dropout):
-    spec = spec_from_args(x, weights, kind, num_splits)
+    spec = checked_backward_args(grad_y, x, weights, hidden, seed, kind, num_splits, dropout)
     _check_triton_args(x, weights)
+    # ops accept any strides: inputs are made contiguous here (the kernels assume row-major)
+    grad_y, x, hidden = grad_y.contiguous(), x.contiguous(), hidden.contiguous()
+    weights = [w.contiguous() for w in weights]
     B = x.shape[0]
-    if tuple(hidden.shape) != (B, spec.n * spec.H):
-        raise ValueError(f"hidden has shape {tuple(hidden.shape)}, expected "
-                         f"({B}, {spec.n * spec.H}): run the forward with save_hidden=True")
-    if tuple(grad_y.shape) != (B, spec.C):
-        raise ValueError(f"grad_y has shape {tuple(grad_y.shape)}, expected ({B}, {spec.C})")
     total = spec.num_params()
     grad_x = _empty(x.shape, x)
     grad_params = _empty((total,), x, weights[0].dtype)
     if B == 0:
         return grad_x.zero_(), grad_params.zero_()
-    grad_y = grad_y.to(x.dtype).contiguous()
     cdt, prec = _compute_dtype(x.dtype), _dot_precision(x.dtype)
     threshold, scale = _dropout_args(dropout)
     seed_arg = seed if seed is not None else x
@@ -538,4 +537,19 @@ define_backend_ops("triton", lib=_lib)
 for _dev in ("CUDA", "CPU"):  # CPU: Triton's interpreter (TRITON_INTERPRET=1)
     _lib.impl("triton_head_forward", head_forward, _dev)
     _lib.impl("triton_head_backward", head_backward, _dev)
-forward_op = register_backend("triton")
+register_fakes("triton")
+forward_op = register_python_autograd("triton")
+
+
+def _available(device: torch.device) -> bool:
+    return HAVE_TRITON and (device.type == "cuda"
+                            or (device.type == "cpu" and _backends.interpreting()))
+
+
+def _build_hint() -> str:
+    return ("it needs a CUDA tensor and the triton package (or TRITON_INTERPRET=1 set before "
+            "importing triton, to run the kernels on CPU tensors in Triton's interpreter)")
+
+
+BACKEND = _backends.register(_backends.Backend(
+    name="triton", available=_available, forward_op=forward_op, build_hint=_build_hint))

@@ -4,7 +4,8 @@ the CPU emulator, its build products, and (when a GPU is present) its CUDA kerne
 * CPU (CI): the ops ``spinalkern::cuda_head_{forward,backward}`` on CPU tensors (the C++ CPU
   implementation) against the float64 reference, forward and all gradients, dropout masks
   bit-identical to ``spinalkern.rng``; opcheck, gradcheck, torch.compile, determinism,
-  poisoned outputs, NaN propagation, bad input.
+  poisoned outputs, NaN propagation, bad input, pairwise sums, the C++ autograd (no Python
+  in backward, gradients as views of one buffer).
 * Emulator (CI): the CUDA kernels and their host launch code compiled as C++ against
   csrc/emu/cuda_emu.h and run on CPU tensors (real barrier semantics, NaN-poisoned shared
   memory, WMMA emulation), covering every tile config and fallback path (it compiles a small extension
@@ -25,6 +26,7 @@ import subprocess
 import sys
 import zlib
 
+import numpy as np
 import pytest
 import torch
 
@@ -33,6 +35,7 @@ from spinalkern import ops as skops
 from spinalkern.reference import reference_forward
 from spinalkern.rng import keep_mask, new_seed
 from spinalkern.spec import HeadSpec
+from spinalkern.testing import poisoned_outputs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAVE_EXT = cuda_backend.available()
@@ -146,19 +149,9 @@ def test_teacher_forced_oracle_is_the_reference(kind, p):
         assert torch.allclose(a, b, rtol=1e-12, atol=1e-13)
 
 
-@contextlib.contextmanager
-def poisoned_empty():
-    """torch.empty fills with NaN inside (deterministic mode): every output or workspace
-    element the op does not write shows up as NaN."""
-    import torch.utils.deterministic as det
-    old_mode, old_fill = torch.are_deterministic_algorithms_enabled(), det.fill_uninitialized_memory
-    torch.use_deterministic_algorithms(True)
-    det.fill_uninitialized_memory = True
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(old_mode)
-        det.fill_uninitialized_memory = old_fill
+# torch.empty / at::empty fill with NaN inside: every output or workspace element the op does
+# not write shows up as NaN.
+poisoned_empty = poisoned_outputs
 
 
 def seed_tensor(device, value=0x1234_5678_9ABC):
@@ -208,7 +201,7 @@ def cuda_bwd(*a):
 # kind, B, D, H, n, C, S: every value of the grid (batch 1/37/1000; D not a multiple of 16;
 # H 8/10/64/128; n 1/2/4/6; S 1/2/4; C 10/26/62) appears for both heads.
 GRID = [
-    ("spinal", 1, 74, 8, 1, 10, 2),
+    ("spinal", 1, 74, 8, 1, 10, 1),
     ("spinal", 37, 148, 10, 6, 26, 4),
     ("spinal", 1000, 37, 64, 2, 62, 1),
     ("spinal", 37, 74, 128, 4, 10, 2),
@@ -380,6 +373,62 @@ def test_cpu_torch_compile_fullgraph():
     assert torch.allclose(out, loss(x, ws, bs), rtol=1e-6)
     for a, b in zip(params, eager):
         assert torch.allclose(a.grad, b.grad, rtol=1e-5, atol=1e-6)
+
+
+@needs_ext
+def test_cpu_op_sums_pairwise():
+    """Long sums (a dot product over D, the batch sum of dW/db, the sum over a layer's outputs
+    in grad_x) of equal terms 0.1: sequential fp32 summation is off by 6e-4 at 2^16 terms; the
+    op's pairwise sums stay at rounding level (float64 reference)."""
+    N = 2 ** 16
+    terms = np.full(N, 0.1, dtype=np.float32)
+    sequential = float(np.cumsum(terms, dtype=np.float32)[-1])
+    assert abs(sequential - N * float(terms[0])) / (N * float(terms[0])) > 1e-4
+
+    def check(B, D, H, x, w0, w1, gy):
+        spec = make_spec("spinal", D, H, 1, 1, 1)
+        ws = [torch.full((H, D), w0), torch.full((1, H), w1)]
+        bs = [torch.zeros(H), torch.zeros(1)]
+        xs = torch.full((B, D), x)
+        g = torch.full((B, 1), gy)
+        y, h = cuda_fwd(xs, ws, bs, None, 0, 1, 0.0, True)
+        gx, gp = cuda_bwd(g, xs, ws, h, None, 0, 1, 0.0)
+        y_ref, h_ref = reference_forward(spec, f64(xs), [f64(w) for w in ws],
+                                         [f64(b) for b in bs], return_hidden=True)
+        gx_ref, gp_ref = reference_grads(spec, xs, ws, bs, 0.0, None, g)
+        for name, got, want in (("y", y, y_ref), ("hidden", h, h_ref), ("grad_x", gx, gx_ref),
+                                ("grad_params", gp, gp_ref)):
+            assert rel_err(got, want) < 1e-6, (name, B, D, H, rel_err(got, want))
+
+    check(B=1, D=N, H=1, x=1.0, w0=0.1, w1=1.0, gy=1.0)   # forward: dot product over D
+    check(B=N, D=1, H=1, x=1.0, w0=1.0, w1=1.0, gy=0.1)   # dW, db: sums over the batch
+    check(B=1, D=1, H=N, x=1.0, w0=1.0, w1=0.1, gy=1.0)   # y over H; grad_x over H outputs
+
+
+@needs_ext
+def test_cpu_autograd_runs_in_cpp_and_hands_out_views():
+    """Backward of the cuda ops runs in the C++ autograd engine (no Python function of
+    spinalkern is called) and every weight/bias gradient is a view of one flat buffer."""
+    spec = make_spec("spinal", 20, 8, 3, 6, 2)
+    x, ws, bs = make_inputs(spec, 5, torch.float32)
+    leaves = [t.requires_grad_() for t in (x, *ws, *bs)]
+    y, _ = cuda_fwd(x, ws, bs, seed_tensor("cpu"), 0, 2, 0.2, True)
+    assert "CppNode" in y.grad_fn.name()
+    called = []
+
+    def profiler(frame, event, arg):
+        if event == "call" and f"{os.sep}spinalkern{os.sep}" in frame.f_code.co_filename:
+            called.append(frame.f_code.co_name)
+
+    sys.setprofile(profiler)
+    try:
+        y.square().sum().backward()
+    finally:
+        sys.setprofile(None)
+    assert called == []
+    storages = {t.grad.untyped_storage().data_ptr() for t in leaves[1:]}
+    assert len(storages) == 1
+    assert leaves[0].grad.shape == x.shape
 
 
 def _bad_inputs():

@@ -1,0 +1,253 @@
+// Autograd of spinalkern::cuda_head_forward, in C++ (registered for every device at the
+// Autograd dispatch key), so that a backward runs in the C++ autograd engine without Python:
+//
+//   forward:  the op below autograd (CPU or CUDA kernel), saving x, hidden, seed and weights.
+//   backward: spinalkern::cuda_head_backward, whose flat grad_params is handed out as views
+//             (dW_L, db_L) of that one buffer.
+//   backward with create_graph=True (a double backward, e.g. a gradient penalty): the same
+//             gradients computed with differentiable ATen ops from a recomputed forward whose
+//             hidden activations are teacher-forced to the saved ones (value h_i, derivative
+//             through z_i where h_i > 0), then torch::autograd::grad; the C++ twin of
+//             spinalkern.ops.differentiable_backward.
+//
+// spinalkern::cuda_head_backward itself is not differentiable: differentiating its outputs
+// raises an error that says what to do instead.  Fake (meta) implementations are in Python
+// (spinalkern/ops.py).  Nothing here synchronises with the device (CUDA-graph safe).
+#include <ATen/TensorOperators.h>
+#include <ATen/ops/cat.h>
+#include <ATen/ops/linear.h>
+#include <ATen/ops/logical_not.h>
+#include <ATen/ops/where.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "head_layout.h"
+#include "op_checks.h"
+
+namespace spinalkern {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+using ForwardFn = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, at::TensorList,
+                                                     at::TensorList,
+                                                     const std::optional<at::Tensor>&, int64_t,
+                                                     int64_t, double, bool);
+using BackwardFn = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                      at::TensorList, const at::Tensor&,
+                                                      const std::optional<at::Tensor>&,
+                                                      int64_t, int64_t, double);
+using KeepMaskFn = at::Tensor(const at::Tensor&, int64_t, int64_t, int64_t, double);
+
+const c10::TypedOperatorHandle<ForwardFn>& forward_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("spinalkern::cuda_head_forward", "")
+                             .typed<ForwardFn>();
+  return op;
+}
+
+const c10::TypedOperatorHandle<BackwardFn>& backward_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("spinalkern::cuda_head_backward", "")
+                             .typed<BackwardFn>();
+  return op;
+}
+
+const c10::TypedOperatorHandle<KeepMaskFn>& keep_mask_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("spinalkern::cuda_keep_mask", "")
+                             .typed<KeepMaskFn>();
+  return op;
+}
+
+std::optional<at::Tensor> opt(const at::Tensor& t) {
+  return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
+}
+
+// Gradients of x, every weight and every bias of the head, with differentiable ATen ops (see
+// the top of this file).  Called with grad mode on (create_graph=True).
+variable_list differentiable_backward(const at::Tensor& grad_y, const at::Tensor& x,
+                                      const std::vector<at::Tensor>& weights,
+                                      const at::Tensor& hidden, const at::Tensor& seed,
+                                      int64_t kind, int64_t num_splits, double p) {
+  const char* op = "spinalkern::cuda_head_forward (double backward)";
+  const HeadDims d = check_head_args(op, x, weights, opt(seed), kind, num_splits, p);
+  check_backward_tensors(op, d, x, grad_y, hidden);
+  // differentiate with respect to x and the weights (stand-ins when they need no gradient)
+  // and zero biases (the backward does not depend on the biases' values)
+  variable_list inputs{x};
+  inputs.insert(inputs.end(), weights.begin(), weights.end());
+  for (auto& t : inputs)
+    if (!t.requires_grad()) t = t.detach().requires_grad_(true);
+  for (const auto& w : weights)
+    inputs.push_back(at::zeros({w.size(0)}, w.options()).requires_grad_(true));
+  const at::Tensor& xl = inputs[0];
+  const int64_t B = x.size(0);
+
+  auto drop = [&](const at::Tensor& t, int stream) {
+    const at::Tensor keep = keep_mask_op().call(seed, stream, B, t.size(1), p);
+    return at::where(keep, t / (1.0 - p), at::zeros_like(t));
+  };
+  at::Tensor x_dropped;  // progressive: x~ = drop(x), stream 0
+  if (d.kind == kProgressive && d.dropout) x_dropped = drop(xl, 0);
+
+  std::vector<at::Tensor> hs;
+  at::Tensor y;
+  for (int L = 0; L <= d.n; ++L) {
+    const LayerInfo li = layer_info(d, L);
+    std::vector<at::Tensor> parts;
+    if (li.xw > 0)
+      parts.push_back(li.drop_x && d.kind == kProgressive ? x_dropped
+                                                          : xl.narrow(1, li.xoff, li.xw));
+    if (li.hw > 0) parts.push_back(at::cat(hs, 1).narrow(1, li.hoff, li.hw));
+    at::Tensor u = parts.size() == 1 ? parts[0] : at::cat(parts, 1);
+    if (d.kind == kSpinal && d.dropout) u = drop(u, li.stream);
+    const at::Tensor z = at::linear(u, inputs[1 + L], inputs[1 + d.n + 1 + L]);
+    if (L == d.n) {
+      y = z;
+    } else {
+      const at::Tensor h = hidden.narrow(1, (int64_t)L * d.H, d.H);
+      hs.push_back(h + (z - z.detach()) * at::logical_not(h <= 0));
+    }
+  }
+  return torch::autograd::grad({y}, inputs, {grad_y}, /*retain_graph=*/true,
+                               /*create_graph=*/true, /*allow_unused=*/true);
+}
+
+struct HeadForward : public torch::autograd::Function<HeadForward> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, at::TensorList weights,
+                               at::TensorList biases, const std::optional<at::Tensor>& seed,
+                               int64_t kind, int64_t num_splits, double dropout,
+                               bool save_hidden) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [y, hidden] = forward_op().call(x, weights, biases, seed, kind, num_splits, dropout,
+                                         save_hidden);
+    ctx->mark_non_differentiable({hidden});
+    ctx->set_materialize_grads(false);  // no zeros for hidden's (unused) gradient
+    ctx->saved_data["kind"] = kind;
+    ctx->saved_data["num_splits"] = num_splits;
+    ctx->saved_data["dropout"] = dropout;
+    ctx->saved_data["save_hidden"] = save_hidden;
+    if (save_hidden) {
+      variable_list keep{x, hidden, seed.has_value() ? *seed : at::Tensor()};
+      keep.insert(keep.end(), weights.begin(), weights.end());
+      ctx->save_for_backward(keep);
+    }
+    return {y, hidden};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    TORCH_CHECK(ctx->saved_data["save_hidden"].toBool(),
+                "spinalkern: the forward ran with save_hidden=False, so it cannot be "
+                "differentiated; call it with save_hidden=True");
+    const int64_t kind = ctx->saved_data["kind"].toInt();
+    const int64_t num_splits = ctx->saved_data["num_splits"].toInt();
+    const double dropout = ctx->saved_data["dropout"].toDouble();
+    const variable_list saved = ctx->get_saved_variables();
+    const at::Tensor& x = saved[0];
+    const at::Tensor& hidden = saved[1];
+    const at::Tensor& seed = saved[2];
+    const std::vector<at::Tensor> weights(saved.begin() + 3, saved.end());
+    const at::Tensor& grad_y = grads[0];
+
+    // gradients in the order of forward's arguments: x, weights, biases (as many as weights,
+    // checked by the op), then seed, kind, num_splits, dropout, save_hidden (none)
+    const size_t num_grads = 1 + 2 * weights.size() + 5;
+    variable_list out;
+    out.reserve(num_grads);
+    if (!grad_y.defined()) {  // y did not reach the loss: no gradients
+    } else if (at::GradMode::is_enabled()) {  // create_graph=True
+      variable_list g = differentiable_backward(grad_y, x, weights, hidden, seed, kind,
+                                                num_splits, dropout);
+      out = std::move(g);
+    } else {
+      auto [grad_x, flat] = backward_op().call(grad_y, x, weights, hidden, opt(seed), kind,
+                                               num_splits, dropout);
+      out.push_back(grad_x);
+      // plain tensors over the flat buffer's storage, made below autograd (no view tracking
+      // needed: no graph is recorded here)
+      at::AutoDispatchBelowADInplaceOrView below;
+      std::vector<at::Tensor> dbs;
+      dbs.reserve(weights.size());
+      int64_t off = flat.storage_offset();
+      for (const auto& w : weights) {  // views of the flat gradient
+        const int64_t N = w.size(0), K = w.size(1);
+        out.push_back(flat.as_strided({N, K}, {K, 1}, off));
+        dbs.push_back(flat.as_strided({N}, {1}, off + N * K));
+        off += N * K + N;
+      }
+      out.insert(out.end(), dbs.begin(), dbs.end());
+    }
+    out.resize(num_grads);  // seed and the scalars: no gradient
+    return out;
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> head_forward_autograd(
+    const at::Tensor& x, at::TensorList weights, at::TensorList biases,
+    const std::optional<at::Tensor>& seed, int64_t kind, int64_t num_splits, double dropout,
+    bool save_hidden) {
+  bool requires_grad = x.requires_grad();
+  for (const auto& t : weights) requires_grad = requires_grad || t.requires_grad();
+  for (const auto& t : biases) requires_grad = requires_grad || t.requires_grad();
+  if (!at::GradMode::is_enabled() || !requires_grad) {  // no graph to record
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return forward_op().call(x, weights, biases, seed, kind, num_splits, dropout, save_hidden);
+  }
+  variable_list out = HeadForward::apply(x, weights, biases, seed, kind, num_splits, dropout,
+                                         save_hidden);
+  return {out[0], out[1]};
+}
+
+// The backward op's own autograd: it has no derivative; differentiating it raises.
+struct HeadBackwardNotDifferentiable
+    : public torch::autograd::Function<HeadBackwardNotDifferentiable> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& grad_y,
+                               const at::Tensor& x, at::TensorList weights,
+                               const at::Tensor& hidden, const std::optional<at::Tensor>& seed,
+                               int64_t kind, int64_t num_splits, double dropout) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [grad_x, grad_params] =
+        backward_op().call(grad_y, x, weights, hidden, seed, kind, num_splits, dropout);
+    return {grad_x, grad_params};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    TORCH_CHECK(false,
+                "spinalkern::cuda_head_backward is not differentiable; to differentiate a "
+                "gradient (create_graph=True), differentiate through "
+                "spinalkern::cuda_head_forward, whose backward is then computed with "
+                "differentiable ops");
+    return {};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> head_backward_autograd(
+    const at::Tensor& grad_y, const at::Tensor& x, at::TensorList weights,
+    const at::Tensor& hidden, const std::optional<at::Tensor>& seed, int64_t kind,
+    int64_t num_splits, double dropout) {
+  bool requires_grad = grad_y.requires_grad() || x.requires_grad() || hidden.requires_grad();
+  for (const auto& w : weights) requires_grad = requires_grad || w.requires_grad();
+  if (at::GradMode::is_enabled() && requires_grad) {
+    variable_list out = HeadBackwardNotDifferentiable::apply(grad_y, x, weights, hidden, seed,
+                                                             kind, num_splits, dropout);
+    return {out[0], out[1]};
+  }
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return backward_op().call(grad_y, x, weights, hidden, seed, kind, num_splits, dropout);
+}
+
+}  // namespace
+}  // namespace spinalkern
+
+TORCH_LIBRARY_IMPL(spinalkern, Autograd, m) {
+  m.impl("cuda_head_forward", &spinalkern::head_forward_autograd);
+  m.impl("cuda_head_backward", &spinalkern::head_backward_autograd);
+}
