@@ -541,7 +541,12 @@ if HAVE_TRITON:
             # spinal: all of u_L, stream L; progressive: x~ only (stream 0), not in layer 0
             stream = tl.where(KIND == 0, L, 0)
             drop_tile = (KIND == 0) | (is_x & (L > 0))
+            # the two operands' sources, chosen once: the loop body is one strided load each
             is_out = L == N_LAYERS
+            g_base = tl.where(is_out, dy_ptr + DY_OFF, g_ptr + L * HS)
+            g_stride = tl.where(is_out, DY_STRIDE, GS)
+            u_base = tl.where(is_x, x_ptr, hid_ptr) + src_col
+            u_stride = tl.where(is_x, D, NH)
             acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=ACC_DT)
             bacc = tl.zeros((BLOCK_N,), dtype=ACC_DT)
             m_start = split * rows_per_split
@@ -549,20 +554,10 @@ if HAVE_TRITON:
                 rows = m0 + tl.arange(0, BLOCK_M)
                 r64 = rows.to(tl.int64)
                 rmask = rows < B
-                gmask = rmask[:, None] & n_mask[None, :]
-                if is_out:
-                    g = tl.load(dy_ptr + r64[:, None] * DY_STRIDE + DY_OFF + offs_n[None, :],
-                                mask=gmask, other=0.0).to(CDT)
-                else:
-                    g = tl.load(g_ptr + r64[:, None] * GS + L * HS + offs_n[None, :],
-                                mask=gmask, other=0.0).to(CDT)
-                umask = rmask[:, None] & k_mask[None, :]
-                if is_x:
-                    u = tl.load(x_ptr + r64[:, None] * D + src_col + offs_k[None, :],
-                                mask=umask, other=0.0).to(CDT)
-                else:
-                    u = tl.load(hid_ptr + r64[:, None] * NH + src_col + offs_k[None, :],
-                                mask=umask, other=0.0).to(CDT)
+                g = tl.load(g_base + r64[:, None] * g_stride + offs_n[None, :],
+                            mask=rmask[:, None] & n_mask[None, :], other=0.0).to(CDT)
+                u = tl.load(u_base + r64[:, None] * u_stride + offs_k[None, :],
+                            mask=rmask[:, None] & k_mask[None, :], other=0.0).to(CDT)
                 if DROPOUT:
                     if drop_tile:
                         u = _drop(u, rows, ucol0 + offs_k, stream, seed_lo, seed_hi, threshold,
