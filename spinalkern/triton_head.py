@@ -34,11 +34,11 @@ def _aligned(args) -> bool:
     """True when every tensor argument starts on a 16-byte boundary."""
     bits = 0
     for a in args:
-        if isinstance(a, torch.Tensor):
-            bits |= a.data_ptr()
-        elif isinstance(a, tuple):
+        if isinstance(a, tuple):
             for t in a:
                 bits |= t.data_ptr()
+        elif not isinstance(a, (int, float)):  # a tensor
+            bits |= a.data_ptr()
     return bits & 15 == 0
 
 
@@ -60,11 +60,10 @@ def run_launch(launch, args: tuple):
     compiled, run, function, metadata, consts = fast
     g0, g1, g2 = launch.grid
     stream = torch.cuda.current_stream(args[0].device).cuda_stream
-    enter = knobs.runtime.launch_enter_hook
-    full = args + consts
-    meta = compiled.launch_metadata(launch.grid, stream, *full) if enter is not None else None
-    run(g0, g1, g2, stream, function, metadata, meta, enter, knobs.runtime.launch_exit_hook,
-        *full)
+    full = args + consts  # what Triton's launcher passes: every parameter, in order
+    meta = compiled.launch_metadata(launch.grid, stream, *full)
+    run(g0, g1, g2, stream, function, metadata, meta, knobs.runtime.launch_enter_hook,
+        knobs.runtime.launch_exit_hook, *full)
 
 
 # ---------------------------------------------------------------------------------------------

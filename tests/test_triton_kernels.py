@@ -315,3 +315,64 @@ def test_shipped_table_is_well_formed():
 def test_batch_buckets():
     assert [tp.batch_bucket(b) for b in (1, 16, 17, 1000, 1024, 1025, 10 ** 6)] == \
         [16, 16, 32, 1024, 1024, 2048, 65536]
+
+
+# ---------------------------------------------------------------------------------------------
+# The direct launch path (GPU only at run time; its bookkeeping is checked here with stand-ins)
+# ---------------------------------------------------------------------------------------------
+class _FakeCompiled:
+    def __init__(self):
+        self.calls = []
+        self.function, self.packed_metadata = "fn-handle", "meta"
+
+    @property
+    def run(self):
+        return lambda *a: self.calls.append(a)
+
+    def launch_metadata(self, grid, stream, *args):
+        return ("metadata of", grid, stream, len(args))
+
+
+class _FakeKernel:
+    arg_names = ["a_ptr", "ws", "B", "X", "Y"]
+
+    def __init__(self):
+        self.binder_calls, self.compiled = [], _FakeCompiled()
+
+    def __getitem__(self, grid):
+        def launch(*args, **kw):
+            self.binder_calls.append((grid, args, kw))
+            return self.compiled
+        return launch
+
+
+class _CudaLike:
+    """Stands in for a CUDA tensor: the launcher reads its device and data pointer."""
+
+    def __init__(self, ptr):
+        self.device, self._ptr = torch.device("cuda", 0), ptr
+
+    def data_ptr(self):
+        return self._ptr
+
+
+def test_direct_launch_after_the_first_and_binder_for_misaligned(monkeypatch):
+    class _Stream:
+        cuda_stream = 1234
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: _Stream())
+    kernel = _FakeKernel()
+    launch = tp.Launch("k", kernel, (3, 2, 1), ("a_ptr", "ws", "B"), {}, {}, {"X": 7, "Y": "ieee"},
+                       num_warps=8, num_stages=3)
+    a, w = _CudaLike(4096), (_CudaLike(8192), _CudaLike(16384))
+    th.run_launch(launch, (a, w, 5))             # first: Triton's launcher (compiles)
+    assert kernel.binder_calls == [((3, 2, 1), (a, w, 5),
+                                    {"X": 7, "Y": "ieee", "num_warps": 8, "num_stages": 3})]
+    th.run_launch(launch, (a, w, 6))             # then: the compiled kernel directly
+    [call] = kernel.compiled.calls
+    from triton import knobs
+    assert call[:9] == (3, 2, 1, 1234, "fn-handle", "meta", ("metadata of", (3, 2, 1), 1234, 5),
+                        knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook)
+    assert call[9:] == (a, w, 6, 7, "ieee")      # runtime args, then constexprs in order
+    odd = _CudaLike(4098)                        # not 16-byte aligned: Triton's launcher again
+    th.run_launch(launch, (odd, w, 5))
+    assert len(kernel.binder_calls) == 2 and len(kernel.compiled.calls) == 1
