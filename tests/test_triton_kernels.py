@@ -193,27 +193,41 @@ if th.HAVE_TRITON:
         tl.store(out_ptr + tl.arange(0, BLOCK_M)[:, None] * 16 + tl.arange(0, 16)[None, :], v)
 
 
-@pytest.mark.skipif(HAS_CUDA, reason="uses a sparse host mapping through Triton's interpreter")
 def test_row_offsets_past_2_31_elements():
-    """A (rows, D) fp16 matrix of more than 2**31 elements in a sparse mapping (only the pages
-    touched take memory): the last row tile is read where a 32-bit rows * D would wrap."""
+    """A (rows, D) fp16 matrix of more than 2**31 elements: the last row tile is read where a
+    32-bit rows * D would wrap.  On CPU (Triton's interpreter) the matrix lives in a sparse
+    mapping, so only the pages touched take memory; on a GPU it is allocated (4.3 GB)."""
     D, BM = 4096, 16
     rows = 2 ** 31 // D + 2 * BM           # rows * D > 2**31
-    nbytes = rows * D * 2
-    mm = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
-                   | getattr(mmap, "MAP_NORESERVE", 0))
-    try:
+    tile = rows // BM - 1
+    assert tile * BM * D >= 2 ** 31
+    want = torch.randn(BM, 16).half()
+    mm = None
+    if HAS_CUDA:
+        x = torch.empty(rows, D, dtype=torch.float16, device="cuda")
+    else:
+        mm = mmap.mmap(-1, rows * D * 2, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+                       | getattr(mmap, "MAP_NORESERVE", 0))
         x = torch.frombuffer(mm, dtype=torch.float16).view(rows, D)
-        tile = rows // BM - 1
-        assert tile * BM * D >= 2 ** 31
-        want = torch.randn(BM, 16).half()
-        x[tile * BM:(tile + 1) * BM, D - 16:] = want
-        out = torch.zeros(BM, 16, dtype=torch.float16)
+    try:
+        x[tile * BM:(tile + 1) * BM, D - 16:] = want.to(x.device)
+        out = torch.zeros(BM, 16, dtype=torch.float16, device=x.device)
         _probe_kernel[(1,)](x, out, tile, D=D, BLOCK_M=BM)
-        assert torch.equal(out, want)
-        del x
+        assert torch.equal(out.cpu(), want)
     finally:
-        mm.close()
+        del x
+        if mm is not None:
+            mm.close()
+
+
+def test_kernels_scale_rows_only_in_64_bits():
+    """Every row-scaled offset in the kernels uses the 64-bit rows (r64) of _rows64."""
+    import inspect
+    import re
+    from spinalkern import triton_kernels
+    src = inspect.getsource(triton_kernels)
+    assert re.findall(r"\brows\[:, None\] \*", src) == []
+    assert len(re.findall(r"\br64\[:, None\] \*", src)) >= 15
 
 
 def test_weights_too_large_for_32_bit_offsets_are_refused():
