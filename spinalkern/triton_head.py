@@ -148,8 +148,7 @@ def head_backward(grad_y, x, weights, hidden, seed, kind, num_splits, dropout):
     run_launch(plan.chain, (grad_y, x, hidden, ws, seed_arg, grad_x, g, B, thr, scale))
     out = grad_params if plan.reduce is None else torch.empty(
         (plan.splits, spec.num_params()), dtype=plan.acc_dtype, device=x.device)
-    dy = g if plan.wgrad.dy_source == "g_ptr" else grad_y
-    run_launch(plan.wgrad, (g, dy, x, hidden, seed_arg, out, B,
+    run_launch(plan.wgrad, (g, x, hidden, seed_arg, out, B,
                             plan.wgrad.scalars["rows_per_split"], thr, scale))
     if plan.reduce is not None:
         run_launch(plan.reduce, (out, grad_params))

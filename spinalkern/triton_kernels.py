@@ -15,7 +15,8 @@ Two kernel families; ``spinalkern.triton_plan`` chooses one per head and batch:
 
 ``chunked`` (any width, e.g. H = 512): every layer's outputs in BLOCK_N column chunks, hidden
   activations and dz through global memory (read back by the same program from L1/L2):
-  ``chunked_fwd_kernel``, ``chunked_bwd_chain_kernel``.
+  ``chunked_fwd_kernel``, ``chunked_bwd_chain_kernel`` (G's pieces padded to multiples of 16
+  columns).
 
 Shared by both: ``wgrad_kernel`` (dW_L = dZ_L^T U_L, db_L = sum dZ_L as GEMMs over batch slices,
 the x part and the hidden part of U_L in separate, vectorisable loops, fp32 partial sums) and
@@ -188,20 +189,21 @@ if HAVE_TRITON:
                 acc = tl.zeros((BLOCK_M, HP), dtype=ACC_DT)
                 if KIND == 0:  # [segment L % S ; h_{L-1}], all dropped with stream L
                     acc = _x_piece(acc, x_ptr, rows, r64, row_mask, (L % S) * SEG, SEG, D,
-                                   w_ptrs[L], SEG if L == 0 else SEG + H, offs_h, h_mask, DROPOUT, L, seed_lo, seed_hi,
-                                   threshold, scale, CDT, DOT_PREC, BLOCK_K)
+                                   w_ptrs[L], SEG if L == 0 else SEG + H, offs_h, h_mask,
+                                   DROPOUT, L, seed_lo, seed_hi, threshold, scale, CDT,
+                                   DOT_PREC, BLOCK_K)
                     if L > 0:
                         acc = _h_piece(acc, hs[L - 1], rows, offs_h, h_mask, w_ptrs[L],
-                                       SEG + H, SEG, offs_h, h_mask, DROPOUT, L, seed_lo, seed_hi,
-                                       threshold, scale, CDT, DOT_PREC)
+                                       SEG + H, SEG, offs_h, h_mask, DROPOUT, L, seed_lo,
+                                       seed_hi, threshold, scale, CDT, DOT_PREC)
                 else:  # [x (layer 0) or x~ ; h_0 ; ... ; h_{L-1}]
                     acc = _x_piece(acc, x_ptr, rows, r64, row_mask, 0, D, D, w_ptrs[L],
-                                   D + L * H, offs_h, h_mask, DROPOUT and L > 0, 0, seed_lo, seed_hi,
-                                   threshold, scale, CDT, DOT_PREC, BLOCK_K)
+                                   D + L * H, offs_h, h_mask, DROPOUT and L > 0, 0, seed_lo,
+                                   seed_hi, threshold, scale, CDT, DOT_PREC, BLOCK_K)
                     for j in tl.static_range(L):
                         acc = _h_piece(acc, hs[j], rows, offs_h, h_mask, w_ptrs[L],
-                                       D + L * H, D + j * H, offs_h, h_mask, False, 0, seed_lo, seed_hi,
-                                       threshold, scale, CDT, DOT_PREC)
+                                       D + L * H, D + j * H, offs_h, h_mask, False, 0, seed_lo,
+                                       seed_hi, threshold, scale, CDT, DOT_PREC)
                 b = tl.load(b_ptrs[L] + offs_h, mask=h_mask, other=0.0).to(ACC_DT)
                 h = tl.where(h_mask[None, :], _relu(acc + b[None, :]), 0.0)
                 if SAVE_HIDDEN:
@@ -417,12 +419,15 @@ if HAVE_TRITON:
     def chunked_bwd_chain_kernel(dy_ptr, x_ptr, hid_ptr, w_ptrs, seed_ptr, dx_ptr, g_ptr, B,
                                  thr_biased, scale, KIND: tl.constexpr, N_LAYERS: tl.constexpr,
                                  D: tl.constexpr, H: tl.constexpr, C: tl.constexpr,
-                                 S: tl.constexpr, DROPOUT: tl.constexpr, CDT: tl.constexpr,
+                                 S: tl.constexpr, HS: tl.constexpr, GS: tl.constexpr,
+                                 DROPOUT: tl.constexpr, CDT: tl.constexpr,
                                  ACC_DT: tl.constexpr, DOT_PREC: tl.constexpr,
                                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                                  BLOCK_K: tl.constexpr):
         """Per row tile: dz_j (j = n-1 .. 0) pulled from every layer that reads h_j, written
-        to G = dz (B, n*H) in BLOCK_N column chunks; then grad_x from every layer reading x."""
+        to G = [dz_0 | ... | dz_{n-1} | dy] (row stride GS, pieces HS columns apart: rows and
+        pieces start 16-byte aligned) in BLOCK_N column chunks; then grad_x from every layer
+        reading x."""
         rows, r64 = _rows64(tl.program_id(0), BLOCK_M)
         row_mask = rows < B
         offs_n = tl.arange(0, BLOCK_N)
@@ -430,6 +435,13 @@ if HAVE_TRITON:
         SEG: tl.constexpr = D // S
         seed_lo, seed_hi = _load_seed(seed_ptr, DROPOUT)
         threshold = _threshold(thr_biased)
+        for c0 in range(0, C, BLOCK_N):  # dy, copied into G for the weight gradients
+            cc = c0 + offs_n
+            cmask = row_mask[:, None] & (cc < C)[None, :]
+            dy = tl.load(dy_ptr + r64[:, None] * C + cc[None, :], mask=cmask, other=0.0)
+            tl.store(g_ptr + r64[:, None] * GS + N_LAYERS * HS + cc[None, :],
+                     dy.to(g_ptr.dtype.element_ty), mask=cmask)
+        tl.debug_barrier()  # from here on dy is read from its aligned copy in G
         for j in tl.static_range(N_LAYERS - 1, -1, -1):
             for n0 in range(0, H, BLOCK_N):
                 hc = n0 + offs_n  # columns of h_j
@@ -439,8 +451,8 @@ if HAVE_TRITON:
                                                               S)
                 ucol = x_w + j * H + hc
                 dh = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DT)
-                dh = _gemm_nn(dh, dy_ptr, C, 0, C, r64, row_mask, w_ptrs[N_LAYERS], x_w + h_w,
-                              ucol, h_mask, CDT, DOT_PREC, BLOCK_K)
+                dh = _gemm_nn(dh, g_ptr, GS, N_LAYERS * HS, C, r64, row_mask, w_ptrs[N_LAYERS],
+                              x_w + h_w, ucol, h_mask, CDT, DOT_PREC, BLOCK_K)
                 if DROPOUT and KIND == 0:
                     dh = _drop(dh, rows, ucol, N_LAYERS, seed_lo, seed_hi, threshold, scale)
                 for L in tl.static_range(j + 1, N_LAYERS):
@@ -450,7 +462,7 @@ if HAVE_TRITON:
                         # h_j's columns in u_L: spinal [seg; h_{L-1}], progressive [x; h_0..]
                         ucol = x_w + (0 if KIND == 0 else j * H) + hc
                         part = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DT)
-                        part = _gemm_nn(part, g_ptr, NH, L * H, H, r64, row_mask, w_ptrs[L],
+                        part = _gemm_nn(part, g_ptr, GS, L * HS, H, r64, row_mask, w_ptrs[L],
                                         x_w + h_w, ucol, h_mask, CDT, DOT_PREC, BLOCK_K)
                         if DROPOUT and KIND == 0:
                             part = _drop(part, rows, ucol, L, seed_lo, seed_hi, threshold,
@@ -459,7 +471,7 @@ if HAVE_TRITON:
                 mask2 = row_mask[:, None] & h_mask[None, :]
                 h = tl.load(hid_ptr + r64[:, None] * NH + j * H + hc[None, :], mask=mask2,
                             other=0.0)
-                tl.store(g_ptr + r64[:, None] * NH + j * H + hc[None, :],
+                tl.store(g_ptr + r64[:, None] * GS + j * HS + hc[None, :],
                          _out(tl.where(h > 0, dh, 0.0), g_ptr), mask=mask2)
             tl.debug_barrier()  # dz_j is read back by other threads of this program
         # -- grad_x, one BLOCK_N column block at a time -----------------------------------------
@@ -473,7 +485,7 @@ if HAVE_TRITON:
                     for L in tl.static_range(N_LAYERS):
                         if L % S == s:
                             px = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DT)
-                            px = _gemm_nn(px, g_ptr, NH, L * H, H, r64, row_mask, w_ptrs[L],
+                            px = _gemm_nn(px, g_ptr, GS, L * HS, H, r64, row_mask, w_ptrs[L],
                                           SEG + (0 if L == 0 else H), kc, k_mask, CDT,
                                           DOT_PREC, BLOCK_K)
                             if DROPOUT:
@@ -488,33 +500,33 @@ if HAVE_TRITON:
                 kc = k0 + offs_n
                 k_mask = kc < D
                 acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DT)
-                acc = _gemm_nn(acc, dy_ptr, C, 0, C, r64, row_mask, w_ptrs[N_LAYERS],
+                acc = _gemm_nn(acc, g_ptr, GS, N_LAYERS * HS, C, r64, row_mask, w_ptrs[N_LAYERS],
                                D + NH, kc, k_mask, CDT, DOT_PREC, BLOCK_K)
                 for L in tl.static_range(1, N_LAYERS):
-                    acc = _gemm_nn(acc, g_ptr, NH, L * H, H, r64, row_mask, w_ptrs[L],
+                    acc = _gemm_nn(acc, g_ptr, GS, L * HS, H, r64, row_mask, w_ptrs[L],
                                    D + L * H, kc, k_mask, CDT, DOT_PREC, BLOCK_K)
                 if DROPOUT:
                     acc = _drop(acc, rows, kc, 0, seed_lo, seed_hi, threshold, scale)
-                acc = _gemm_nn(acc, g_ptr, NH, 0, H, r64, row_mask, w_ptrs[0], D, kc, k_mask,
+                acc = _gemm_nn(acc, g_ptr, GS, 0, H, r64, row_mask, w_ptrs[0], D, kc, k_mask,
                                CDT, DOT_PREC, BLOCK_K)
                 tl.store(dx_ptr + r64[:, None] * D + kc[None, :], _out(acc, dx_ptr),
                          mask=row_mask[:, None] & k_mask[None, :])
 
     # -- weight gradients (both families) ------------------------------------------------------
     @triton.jit(do_not_specialize=["thr_biased"])
-    def wgrad_kernel(g_ptr, dy_ptr, x_ptr, hid_ptr, seed_ptr, out_ptr, B, rows_per_split,
+    def wgrad_kernel(g_ptr, x_ptr, hid_ptr, seed_ptr, out_ptr, B, rows_per_split,
                      thr_biased, scale, KIND: tl.constexpr, N_LAYERS: tl.constexpr,
                      D: tl.constexpr, H: tl.constexpr, C: tl.constexpr, S: tl.constexpr,
-                     HS: tl.constexpr, GS: tl.constexpr, DY_STRIDE: tl.constexpr,
-                     DY_OFF: tl.constexpr, TOTAL: tl.constexpr, DROPOUT: tl.constexpr,
+                     HS: tl.constexpr, GS: tl.constexpr, TOTAL: tl.constexpr,
+                     DROPOUT: tl.constexpr,
                      CDT: tl.constexpr, ACC_DT: tl.constexpr, DOT_PREC: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """Program (L, tile, split): one [BLOCK_N, BLOCK_K] tile of dW_L (and its slice of
         db_L) summed over one slice of the batch, written to out[split] (fp32 partials, or the
         final gradient when there is one split).  A tile's columns lie either in the x piece
         or in the hidden piece of u_L, so each tile streams one source with a plain strided
-        load.  The layer gradient dz_L comes from G (row stride GS, piece L at column L*HS);
-        the output layer's dy from ``dy_ptr`` (row stride DY_STRIDE, column DY_OFF)."""
+        load.  The gradient of layer L's outputs is piece L of G (row stride GS, column L*HS):
+        dz_L, or dy for the output layer (L = n)."""
         L = tl.program_id(0)
         t = tl.program_id(1)
         split = tl.program_id(2)
@@ -542,9 +554,7 @@ if HAVE_TRITON:
             stream = tl.where(KIND == 0, L, 0)
             drop_tile = (KIND == 0) | (is_x & (L > 0))
             # the two operands' sources, chosen once: the loop body is one strided load each
-            is_out = L == N_LAYERS
-            g_base = tl.where(is_out, dy_ptr + DY_OFF, g_ptr + L * HS)
-            g_stride = tl.where(is_out, DY_STRIDE, GS)
+            g_base = g_ptr + L * HS
             u_base = tl.where(is_x, x_ptr, hid_ptr) + src_col
             u_stride = tl.where(is_x, D, NH)
             acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=ACC_DT)
@@ -554,7 +564,7 @@ if HAVE_TRITON:
                 rows = m0 + tl.arange(0, BLOCK_M)
                 r64 = rows.to(tl.int64)
                 rmask = rows < B
-                g = tl.load(g_base + r64[:, None] * g_stride + offs_n[None, :],
+                g = tl.load(g_base + r64[:, None] * GS + offs_n[None, :],
                             mask=rmask[:, None] & n_mask[None, :], other=0.0).to(CDT)
                 u = tl.load(u_base + r64[:, None] * u_stride + offs_k[None, :],
                             mask=rmask[:, None] & k_mask[None, :], other=0.0).to(CDT)

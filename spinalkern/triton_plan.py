@@ -340,24 +340,23 @@ def build_plan(spec: HeadSpec, dtype: torch.dtype, B: int, dropout: float, save_
         grid = tiles(c.block_m) if not cfg.persistent else min(tiles(c.block_m), 2 * sms)
         chain = launch("bwd_chain", K.fused_bwd_chain_kernel, (grid, 1, 1), chain_params, c,
                        dict(fused, BLOCK_M=c.block_m, BLOCK_K=c.block_k))
-        g_width, HS, dy_src, dy_stride, dy_off = n * HP + CP, HP, "g_ptr", n * HP + CP, n * HP
+        HS, g_width = HP, n * HP + CP
     else:
+        # G's pieces start on 16-element boundaries: aligned rows for any H and C
+        HS, g_width = -(-H // 16) * 16, n * (-(-H // 16) * 16) + -(-C // 16) * 16
         chain = launch("bwd_chain", K.chunked_bwd_chain_kernel, (tiles(c.block_m), 1, 1),
-                       chain_params, c, dict(common, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
-                                             BLOCK_K=c.block_k))
-        g_width, HS, dy_src, dy_stride, dy_off = n * H, H, "dy_ptr", C, 0
+                       chain_params, c, dict(common, HS=HS, GS=g_width, BLOCK_M=c.block_m,
+                                             BLOCK_N=c.block_n, BLOCK_K=c.block_k))
     w = cfg.wgrad
     splits, rows_per_split = wgrad_splits(spec, B, w, sms, interpreting)
     total = spec.num_params()
     part_dt = acc_dtype if splits > 1 else dtype  # one slice: the final gradient directly
     wgrad = launch("wgrad", K.wgrad_kernel, (n + 1, _layer_tiles(spec, w), splits),
-                   ("g_ptr", "dy_ptr", "x_ptr", "hid_ptr", "seed_ptr", "out_ptr", "B",
+                   ("g_ptr", "x_ptr", "hid_ptr", "seed_ptr", "out_ptr", "B",
                     "rows_per_split", "thr_biased", "scale"), w,
-                   dict(common, HS=HS, GS=g_width, DY_STRIDE=dy_stride, DY_OFF=dy_off,
-                        TOTAL=total, BLOCK_M=w.block_m, BLOCK_N=w.block_n, BLOCK_K=w.block_k),
-                   dtypes={**io, "dy_ptr": io[dy_src], "out_ptr": part_dt},
-                   extra={"rows_per_split": rows_per_split})
-    wgrad.dy_source = dy_src  # which buffer the output layer's dy comes from
+                   dict(common, HS=HS, GS=g_width, TOTAL=total, BLOCK_M=w.block_m,
+                        BLOCK_N=w.block_n, BLOCK_K=w.block_k),
+                   dtypes={**io, "out_ptr": part_dt}, extra={"rows_per_split": rows_per_split})
     reduce = None
     if splits > 1:
         block = 1024
