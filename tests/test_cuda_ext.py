@@ -716,7 +716,9 @@ def test_gpu_cuda_matches_triton(shape, dtype):
     args = (x, ws, bs, seed, spec.kind_code, spec.num_splits, 0.3, True)
     yc, hc = torch.ops.spinalkern.cuda_head_forward(*args)
     yt, ht = torch.ops.spinalkern.triton_head_forward(*args)
-    tol = 5e-3 if dtype == torch.float32 else 2 * FWD_TOL[dtype]  # Triton's fp32 dot is TF32
+    # fp32: room for TF32, which Triton's dots use only when the float32 matmul precision
+    # allows it (the default, "highest", gives exact fp32 dots)
+    tol = 5e-3 if dtype == torch.float32 else 2 * FWD_TOL[dtype]
     assert rel_err(yc, yt) <= tol and rel_err(hc, ht) <= tol
     gy = torch.randn_like(yc)
     gc = torch.ops.spinalkern.cuda_head_backward(gy, x, ws, hc, seed, spec.kind_code,
