@@ -75,7 +75,7 @@ def _check_against_reference(spec, B, dropout, dtype=torch.float32, save_hidden=
 # tiles of 128 so that the weight gradients run two batch slices and their reduction
 SPINAL = ("spinal", 150, 74, 40, 3, 2, 26)
 PROGRESSIVE = ("progressive", 150, 37, 24, 3, 1, 10)
-SPINAL_S3 = ("spinal", 33, 96, 16, 2, 3, 62)
+SPINAL_S3 = ("spinal", 33, 96, 16, 3, 3, 62)
 VARIANTS = [("fused", "fused"), ("fused", "chunked"), ("chunked", "fused"),
             ("chunked", "chunked")]
 CASES = ([(v, shape, 0.0) for v in VARIANTS for shape in (SPINAL, PROGRESSIVE, SPINAL_S3)]
@@ -259,7 +259,7 @@ def _backward_args():
     (lambda a: a.__setitem__(0, a[0].long()), TypeError, "grad_y"),
     (lambda a: a.__setitem__(3, a[3].to("meta")), ValueError, "hidden is on meta"),
     (lambda a: a.__setitem__(7, 1.0), ValueError, "dropout"),
-    (lambda a: a.__setitem__(6, 3), ValueError, "divisible"),
+    (lambda a: a.__setitem__(6, 3), ValueError, "num_splits"),
 ], ids=["hidden-dtype", "weight-dtype", "0-d-weight", "no-seed", "int32-seed", "hidden-shape",
         "grad_y-shape", "grad_y-int", "meta-hidden", "dropout", "splits"])
 def test_backward_rejects_what_forward_rejects(change, error, match):
@@ -273,7 +273,7 @@ def test_forward_rejects_0d_weight():
     args = _backward_args()
     x, ws = args[1], args[2]
     bs = [w[:, 0].clone() for w in ws]
-    with pytest.raises(ValueError, match=r"weights\[1\] must be a 2-D tensor"):
+    with pytest.raises(ValueError, match=r"weights\[1\] must be 2-D"):
         th.head_forward(x, [ws[0], ws[1][0, 0]] + ws[2:], bs, None, 0, 2, 0.0, True)
 
 
