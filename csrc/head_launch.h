@@ -1,7 +1,7 @@
-// Host side of the device ops: argument checks, workspace allocation, tile-config choice and
-// kernel launches.  Included by the CUDA translation units (spinal_head_{forward,backward}.cu)
-// and, with SK_EMU, by the CPU emulator build (csrc/emu/emu_ops.cpp), so the launch logic is
-// tested together with the kernels.
+// Host side of the device ops (the "launch templates"): argument checks, packing into the
+// padded layout when needed, workspaces, plans (head_plan.h) and kernel launches.  Included by
+// the CUDA translation units (spinal_head_{forward,backward}.cu) and, with SK_EMU, by the CPU
+// emulator build (csrc/emu/emu_ops.cpp), so the launch logic is tested with the kernels.
 //
 // Launches go to the current stream; nothing here synchronises with the host or reads a
 // tensor value on the host (the dropout seed is read by the kernels), so a CUDA graph can
@@ -11,11 +11,15 @@
 #include <algorithm>
 #include <cstdlib>
 #include <mutex>
+#include <string>
 #include <type_traits>
 #include <vector>
 
 #include "op_checks.h"  // ATen first: the emulator's CUDA names are macros
-#include "head_kernels.cuh"
+#include "head_backward_kernels.cuh"
+#include "head_forward_kernel.cuh"
+#include "head_misc_kernels.cuh"
+#include "head_plan.h"
 
 #ifndef SK_EMU
 #include <c10/cuda/CUDAException.h>
@@ -26,6 +30,9 @@
 namespace spinalkern {
 namespace dev {
 
+using kern::DeviceInfo;
+using kern::pad16;
+
 #ifdef SK_EMU
 constexpr c10::DeviceType kDeviceType = c10::DeviceType::CPU;
 #else
@@ -35,22 +42,22 @@ constexpr c10::DeviceType kDeviceType = c10::DeviceType::CUDA;
 template <typename S> struct DevType { using type = S; };
 template <> struct DevType<at::Half> { using type = dev_half; };
 template <> struct DevType<at::BFloat16> { using type = dev_bf16; };
+template <typename T>
+using ScalarOf = std::conditional_t<std::is_same_v<T, dev_half>, at::Half,
+                                    std::conditional_t<std::is_same_v<T, dev_bf16>, at::BFloat16, T>>;
 
-template <typename T, typename S>
+template <typename T>
 T* ptr(const at::Tensor& t) {
-  return reinterpret_cast<T*>(t.data_ptr<S>());
+  return reinterpret_cast<T*>(t.data_ptr<ScalarOf<std::remove_const_t<T>>>());
 }
-
-struct DeviceInfo {
-  int sms;
-  size_t max_smem;  // opt-in dynamic shared memory per block
-  int major;
-};
+inline bool aligned16(const at::Tensor& t) {
+  return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+}
 
 inline DeviceInfo device_info(const at::Device& device) {
 #ifdef SK_EMU
   (void)device;
-  return {132, 227 * 1024, 9};
+  return {132, 227 * 1024, 9};  // an H100
 #else
   static std::mutex mu;
   static std::vector<DeviceInfo> cache;
@@ -69,8 +76,9 @@ inline DeviceInfo device_info(const at::Device& device) {
 }
 
 // Debug/testing knobs (read on every call): SPINALKERN_CUDA_SMEM_LIMIT caps the shared memory
-// the kernels may use (forces the global-memory fallbacks), SPINALKERN_CUDA_TILE_M forces the
-// forward row tile (32 or 64), SPINALKERN_CUDA_DW_CHUNK_ROWS the batch chunk of launch 2.
+// the kernels may use (forces the fallbacks: smaller tiles, operands in global memory),
+// SPINALKERN_CUDA_TILE_M / SPINALKERN_CUDA_CHAIN_TILE_M force the row tile of the forward /
+// chain kernel, SPINALKERN_CUDA_DW_CHUNK_ROWS the batch chunk of the weight-gradient kernel.
 inline int64_t env_int(const char* name, int64_t dflt) {
   const char* v = std::getenv(name);
   return (v != nullptr && *v != '\0') ? std::atoll(v) : dflt;
@@ -118,99 +126,81 @@ inline void check_device(const char* op, const at::Tensor& x) {
 #endif
 }
 
-// ---- forward -----------------------------------------------------------------------------
-// Compiled tile configs (BM rows x BN outputs per pass).  BN follows H (one pass per hidden
-// layer for H in {64, 128, 256}; larger H and the output layer loop over BN chunks); BM = 64
-// when the batch fills the GPU with 64-row tiles, else 32.  fp32 (SIMT) stops at BN = 128
-// (a 64 x 256 SIMT tile needs ~255 registers), fp64 has one general config.
+// ---- the padded layout ---------------------------------------------------------------------
+// Operands whose natural layout is not the kernels' padded one (seg or H not a multiple of 16)
+// or that are not 16-byte aligned are packed by one pack_kernel launch.
 template <typename T>
-int forward_bn(int H) {
-  if (std::is_same_v<T, double>) return 64;
-  const int max_bn = UsesTensorCores<T>::value ? 256 : 128;
-  return std::min(max_bn, H <= 64 ? 64 : (H <= 128 ? 128 : 256));
-}
+struct Packer {
+  kern::PackParams<T> params{};
+  std::vector<at::Tensor> keep;
+  int64_t max_elems = 0;
 
-template <typename T, class F>
-void with_forward_config(int bm, int bn, F&& f) {
-  using I32 = std::integral_constant<int, 32>;
-  using I64 = std::integral_constant<int, 64>;
-  using I128 = std::integral_constant<int, 128>;
-  using I256 = std::integral_constant<int, 256>;
-  if constexpr (std::is_same_v<T, double>) {
-    f(I32{}, I64{});
-  } else {
-    if (bm == 32 && bn == 64) return f(I32{}, I64{});
-    if (bm == 32 && bn == 128) return f(I32{}, I128{});
-    if (bm == 64 && bn == 64) return f(I64{}, I64{});
-    if (bm == 64 && bn == 128) return f(I64{}, I128{});
-    if constexpr (UsesTensorCores<T>::value) {
-      if (bm == 32 && bn == 256) return f(I32{}, I256{});
-      if (bm == 64 && bn == 256) return f(I64{}, I256{});
-    }
-    TORCH_CHECK(false, "spinalkern: no forward kernel for tile ", bm, "x", bn);
+  T* add(const at::Tensor& src, int64_t rows, int a, int wa, int b, int wb) {
+    const int cols_pad = a * pad16(wa) + b * pad16(wb);
+    at::Tensor dst = at::empty({rows, (int64_t)cols_pad}, src.options());
+    keep.push_back(dst);
+    params.job[params.njobs++] = kern::PackJob<T>{ptr<const T>(src), ptr<T>(dst), rows, a, wa, b, wb};
+    max_elems = std::max(max_elems, rows * cols_pad);
+    return ptr<T>(dst);
+  }
+  void launch(sk_stream_t stream, const DeviceInfo& info) {
+    if (params.njobs == 0 || max_elems == 0) return;
+    const int blocks = (int)std::min<int64_t>((max_elems + kern::kThreads - 1) / kern::kThreads,
+                                              4 * (int64_t)info.sms);
+    auto kfn = kern::pack_kernel<T>;
+    SK_LAUNCH(kfn, dim3(blocks, params.njobs), dim3(kern::kThreads), 0, stream, params);
+    launch_check();
+  }
+};
+
+// W_L in the padded layout of u_L: the tensors themselves, or packed copies.
+template <typename T>
+void padded_weights(const HeadDims& d, const std::vector<at::Tensor>& weights, Packer<T>& pk,
+                    const T* (&w)[kMaxLayers + 1]) {
+  bool natural = d.seg % kern::kPad == 0 && d.H % kern::kPad == 0;
+  for (const auto& t : weights) natural = natural && aligned16(t);
+  for (int L = 0; L <= d.n; ++L) {
+    const kern::PaddedLayer lay = kern::padded_layer(d, L);
+    w[L] = natural ? ptr<const T>(weights[L])
+                   : pk.add(weights[L], lay.N, lay.xw > 0 ? 1 : 0, std::max(lay.xw, 1),
+                            lay.hblks, d.H);
   }
 }
 
-template <typename T>
-size_t forward_smem(int bm, int bn, int nH, bool in_smem) {
-  size_t bytes = 0;
-  with_forward_config<T>(bm, bn, [&](auto BM, auto BN) {
-    bytes = kern::forward_smem_bytes<T, decltype(BM)::value, decltype(BN)::value>(nH, in_smem);
-  });
-  return bytes;
-}
-
+// ---- forward -------------------------------------------------------------------------------
 template <typename T>
 void forward_device(const HeadDims& d, const at::Tensor& x, const std::vector<at::Tensor>& weights,
                     const std::vector<at::Tensor>& biases, const std::optional<at::Tensor>& seed,
                     const at::Tensor& y, const at::Tensor& hidden, bool save_hidden) {
-  using S = typename std::conditional_t<std::is_same_v<T, dev_half>, at::Half,
-            std::conditional_t<std::is_same_v<T, dev_bf16>, at::BFloat16, T>>;
   const DeviceInfo info = device_info(x.device());
-  const int nH = d.n * d.H;
-  const bool is_f64 = std::is_same_v<T, double>;
-  const int bn = forward_bn<T>(d.H);
-  int bm = 32;
-  if (!is_f64) {
-    const int64_t forced = env_int("SPINALKERN_CUDA_TILE_M", 0);
-    bm = (forced == 32 || forced == 64) ? (int)forced
-                                        : (kern::cdiv(d.B, 64) >= 2 * info.sms ? 64 : 32);
-  }
-  const size_t budget = smem_budget(info);
-  bool in_smem = true;
-  if (bm == 64 && forward_smem<T>(64, bn, nH, true) > budget) bm = 32;
-  if (forward_smem<T>(bm, bn, nH, true) > budget) in_smem = false;
-  const size_t smem = forward_smem<T>(bm, bn, nH, in_smem);
-  TORCH_CHECK(smem <= info.max_smem, "spinalkern: forward needs ", smem,
-              " bytes of shared memory, the device allows ", info.max_smem);
-
+  const sk_stream_t stream = current_stream(x.device());
   kern::ForwardParams<T> p{};
-  p.x = ptr<const T, S>(x);
-  for (int L = 0; L <= d.n; ++L) {
-    p.w[L] = ptr<const T, S>(weights[L]);
-    p.b[L] = ptr<const T, S>(biases[L]);
-  }
+  Packer<T> pk;
+  padded_weights<T>(d, weights, pk, p.w);
+  pk.launch(stream, info);
+  const bool x_aligned = d.seg % kern::kPad == 0 && aligned16(x);
+  p.plan = kern::plan_forward<T>(d, info, smem_budget(info), x_aligned,
+                                 (int)env_int("SPINALKERN_CUDA_TILE_M", 0));
+  p.x = ptr<const T>(x);
+  for (int L = 0; L <= d.n; ++L) p.b[L] = ptr<const T>(biases[L]);
   p.seed = d.dropout ? seed->data_ptr<int64_t>() : nullptr;
-  p.y = ptr<T, S>(y);
-  p.hidden = save_hidden ? ptr<T, S>(hidden) : nullptr;
+  p.y = ptr<T>(y);
+  p.hidden = save_hidden ? ptr<T>(hidden) : nullptr;
   at::Tensor hscratch;
-  if (!in_smem) {
-    // the hidden tile does not fit in shared memory: keep it in global memory (the hidden
-    // output itself when it is saved)
-    if (save_hidden) {
-      p.hglobal = p.hidden;
+  if (!p.plan.h_res) {  // h in global memory: the hidden output itself when it has that layout
+    if (save_hidden && d.H % kern::kPad == 0) {
+      p.hscratch = p.hidden;
     } else {
-      hscratch = at::empty({d.B, (int64_t)nH}, x.options());
-      p.hglobal = ptr<T, S>(hscratch);
+      hscratch = at::empty({d.B, (int64_t)kern::h_pad_width(d)}, x.options());
+      p.hscratch = ptr<T>(hscratch);
     }
   }
   p.d = d;
-  const sk_stream_t stream = current_stream(x.device());
-  with_forward_config<T>(bm, bn, [&](auto BM, auto BN) {
-    constexpr int kBM = decltype(BM)::value, kBN = decltype(BN)::value;
-    auto kfn = kern::head_forward_kernel<T, kBM, kBN>;
+  const size_t smem = p.plan.smem.total;
+  kern::with_forward_tile<T>(p.plan.bm, [&](auto BM) {
+    auto kfn = kern::head_forward_kernel<T, decltype(BM)::value>;
     prepare_launch(kfn, smem);
-    SK_LAUNCH(kfn, dim3(kern::cdiv(d.B, kBM)), dim3(kern::kThreads), smem, stream, p);
+    SK_LAUNCH(kfn, dim3(kern::cdiv(d.B, decltype(BM)::value)), dim3(kern::kThreads), smem, stream, p);
     launch_check();
   });
 }
@@ -241,83 +231,67 @@ std::tuple<at::Tensor, at::Tensor> head_forward(
   return {y, hidden};
 }
 
-// ---- backward ----------------------------------------------------------------------------
-constexpr int kChainBM = 32, kChainBN = 128;  // launch 1 tile: rows x du columns per pass
-constexpr int kDwBM = 64, kDwBN = 64;         // launch 2 tile of dW_L: out x in features
-
+// ---- backward ------------------------------------------------------------------------------
 template <typename T>
 void backward_device(const HeadDims& d, const at::Tensor& grad_y, const at::Tensor& x,
                      const std::vector<at::Tensor>& weights, const at::Tensor& hidden,
                      const std::optional<at::Tensor>& seed, const at::Tensor& grad_x,
                      const at::Tensor& grad_params) {
-  using S = typename std::conditional_t<std::is_same_v<T, dev_half>, at::Half,
-            std::conditional_t<std::is_same_v<T, dev_bf16>, at::BFloat16, T>>;
   using A = acc_t<T>;
   const at::ScalarType acc_dtype = std::is_same_v<A, double> ? at::kDouble : at::kFloat;
   const DeviceInfo info = device_info(x.device());
-  const int nH = d.n * d.H;
-
-  kern::BackwardParams<T> p{};
-  p.grad_y = ptr<const T, S>(grad_y);
-  p.x = ptr<const T, S>(x);
-  for (int L = 0; L <= d.n; ++L) p.w[L] = ptr<const T, S>(weights[L]);
-  p.hidden = ptr<const T, S>(hidden);
-  p.seed = d.dropout ? seed->data_ptr<int64_t>() : nullptr;
-  const at::Tensor dz = at::empty({d.B, (int64_t)nH}, x.options());
-  p.dz = ptr<T, S>(dz);
-  p.grad_x = ptr<T, S>(grad_x);
-  at::Tensor gx_acc;
-  if (std::is_same_v<T, A>) {
-    p.gx_acc = reinterpret_cast<A*>(p.grad_x);
-  } else {
-    gx_acc = at::empty({d.B, d.D}, x.options().dtype(acc_dtype));
-    p.gx_acc = reinterpret_cast<A*>(gx_acc.data_ptr());
-  }
-  // launch 1: dh of a row tile in shared memory when it fits
-  size_t chain_smem = kern::chain_smem_bytes<T, kChainBM, kChainBN>(nH, true);
-  at::Tensor dh_global;
-  if (chain_smem > smem_budget(info)) {
-    chain_smem = kern::chain_smem_bytes<T, kChainBM, kChainBN>(nH, false);
-    dh_global = at::empty({d.B, (int64_t)nH}, x.options().dtype(acc_dtype));
-    p.dh_global = reinterpret_cast<A*>(dh_global.data_ptr());
-  }
-  // launch 2: enough (tile, chunk) blocks to fill the GPU about four times over
-  int tiles = 0;
-  for (int L = 0; L <= d.n; ++L) {
-    const LayerInfo li = layer_info(d, L);
-    tiles += kern::cdiv(li.N, kDwBM) * kern::cdiv(li.K, kDwBN);
-  }
-  int chunk_rows = (int)std::min<int64_t>(env_int("SPINALKERN_CUDA_DW_CHUNK_ROWS", 0), d.B);
-  if (chunk_rows <= 0) {
-    const int want = std::max(1, std::min(kern::cdiv(4 * info.sms, tiles), kern::cdiv(d.B, 64)));
-    chunk_rows = kern::cdiv(kern::cdiv(d.B, want), kern::kBK) * kern::kBK;
-  }
-  chunk_rows = std::max(chunk_rows, kern::cdiv(d.B, 65535));  // gridDim.y limit
-  p.chunk_rows = chunk_rows;
-  p.chunks = kern::cdiv(d.B, chunk_rows);
-  p.num_params = grad_params.numel();
-  const at::Tensor partials = at::empty({p.chunks, p.num_params}, x.options().dtype(acc_dtype));
-  p.partials = reinterpret_cast<A*>(partials.data_ptr());
-  p.grad_params = ptr<T, S>(grad_params);
-  p.d = d;
-
   const sk_stream_t stream = current_stream(x.device());
-  {
-    auto kfn = kern::head_backward_chain_kernel<T, kChainBM, kChainBN>;
-    prepare_launch(kfn, chain_smem);
-    SK_LAUNCH(kfn, dim3(kern::cdiv(d.B, kChainBM)), dim3(kern::kThreads), chain_smem, stream, p);
-    launch_check();
+  const size_t budget = smem_budget(info);
+  kern::BackwardParams<T> p{};
+  Packer<T> pk;
+  padded_weights<T>(d, weights, pk, p.w);
+  p.xu = d.seg % kern::kPad == 0 && aligned16(x) ? ptr<const T>(x)
+                                                  : pk.add(x, d.B, d.S, d.seg, 0, 1);
+  p.hu = d.H % kern::kPad == 0 && aligned16(hidden) ? ptr<const T>(hidden)
+                                                     : pk.add(hidden, d.B, 0, 1, d.n, d.H);
+  pk.launch(stream, info);
+  p.grad_y = ptr<const T>(grad_y);
+  p.hidden = ptr<const T>(hidden);
+  p.seed = d.dropout ? seed->data_ptr<int64_t>() : nullptr;
+  p.d = d;
+  p.chain = kern::plan_chain<T>(d, info, budget, (int)env_int("SPINALKERN_CUDA_CHAIN_TILE_M", 0));
+  p.ldz = kern::h_pad_width(d) + pad16(d.C);
+  const at::Tensor dz = at::empty({d.B, (int64_t)p.ldz}, x.options());
+  p.dz = ptr<T>(dz);
+  at::Tensor dh_g, gx_g;
+  if (!p.chain.dh_smem) {
+    dh_g = at::empty({d.B, (int64_t)d.n * d.H}, x.options().dtype(acc_dtype));
+    p.dh_g = reinterpret_cast<A*>(dh_g.data_ptr());
   }
+  if (!p.chain.gx_smem) {
+    gx_g = at::empty({d.B, (int64_t)d.D}, x.options().dtype(acc_dtype));
+    p.gx_g = reinterpret_cast<A*>(gx_g.data_ptr());
+  }
+  p.grad_x = ptr<T>(grad_x);
+  p.num_params = grad_params.numel();
+  p.ldp = (p.num_params + kern::kVec<A> - 1) / kern::kVec<A> * kern::kVec<A>;
+  p.wg = kern::plan_wgrad<T>(d, info, p.ldp, env_int("SPINALKERN_CUDA_DW_CHUNK_ROWS", 0));
+  const at::Tensor partials = at::empty({p.wg.chunks, p.ldp}, x.options().dtype(acc_dtype));
+  p.partials = reinterpret_cast<A*>(partials.data_ptr());
+  p.grad_params = ptr<T>(grad_params);
+
+  kern::with_chain_tile<T>(p.chain.bm, [&](auto BM) {
+    auto kfn = kern::head_backward_chain_kernel<T, decltype(BM)::value>;
+    prepare_launch(kfn, p.chain.smem.total);
+    SK_LAUNCH(kfn, dim3(kern::cdiv(d.B, decltype(BM)::value)), dim3(kern::kThreads),
+              p.chain.smem.total, stream, p);
+    launch_check();
+  });
   {
-    auto kfn = kern::head_backward_dw_kernel<T, kDwBM, kDwBN>;
-    const size_t smem = kern::dw_smem_bytes<T, kDwBM, kDwBN>();
-    prepare_launch(kfn, smem);
-    SK_LAUNCH(kfn, dim3(tiles, p.chunks), dim3(kern::kThreads), smem, stream, p);
+    auto kfn = kern::head_backward_wgrad_kernel<T>;
+    prepare_launch(kfn, p.wg.smem.total);
+    SK_LAUNCH(kfn, dim3(p.wg.tiles, p.wg.chunks), dim3(kern::kThreads), p.wg.smem.total, stream, p);
     launch_check();
   }
   {
     auto kfn = kern::head_backward_reduce_kernel<T>;
-    const int blocks = (int)std::min<int64_t>((p.num_params + kern::kThreads - 1) / kern::kThreads,
+    const int64_t nvec = p.ldp / kern::kVec<A>;
+    const int blocks = (int)std::min<int64_t>((nvec + kern::kThreads - 1) / kern::kThreads,
                                               8 * (int64_t)info.sms);
     SK_LAUNCH(kfn, dim3(blocks), dim3(kern::kThreads), 0, stream, p);
     launch_check();
@@ -352,7 +326,7 @@ std::tuple<at::Tensor, at::Tensor> head_backward(
 // ---- dropout mask (testing aid) ----------------------------------------------------------
 template <typename Unused = void>
 at::Tensor keep_mask(const char* op, const at::Tensor& seed, int64_t stream, int64_t rows,
-                            int64_t cols, double p) {
+                     int64_t cols, double p) {
   TORCH_CHECK_VALUE(seed.scalar_type() == at::kLong && seed.numel() == 1, op,
                     ": seed must be a one-element int64 tensor");
   TORCH_CHECK_VALUE(rows >= 0 && cols >= 0 && rows <= INT32_MAX && cols <= INT32_MAX, op,
@@ -372,6 +346,43 @@ at::Tensor keep_mask(const char* op, const at::Tensor& seed, int64_t stream, int
             s.data_ptr<int64_t>(), (int)stream, (int)rows, (int)cols, keep_threshold(p),
             out.data_ptr<bool>());
   launch_check();
+  return out;
+}
+
+// ---- launch plan (report / testing aid) ----------------------------------------------------
+// Schema of the launch-plan op (spinalkern::cuda_launch_plan, and the emulator's launch_plan).
+#define SK_LAUNCH_PLAN_SCHEMA                                                                \
+  "(int kind, int B, int D, int H, int n, int C, int S, ScalarType dtype, float dropout, "    \
+  "int sms=132, int max_smem=232448) -> str"
+
+// The plans of forward, chain and wgrad for a head of these sizes on a device with `sms` SMs
+// and `max_smem` bytes of shared memory per block, as JSON (a 16-byte aligned x assumed).
+template <typename Unused = void>
+std::string launch_plan(int64_t kind, int64_t B, int64_t D, int64_t H, int64_t n, int64_t C,
+                        int64_t S, at::ScalarType dtype, double dropout, int64_t sms,
+                        int64_t max_smem) {
+  TORCH_CHECK_VALUE(kind == kSpinal || kind == kProgressive, "kind must be 0 or 1");
+  TORCH_CHECK_VALUE(B > 0 && D > 0 && H > 0 && n > 0 && n <= kMaxLayers && C > 0 && S > 0 &&
+                        D % S == 0 && (kind == kSpinal || S == 1) && sms > 0 && max_smem > 0,
+                    "launch_plan: invalid sizes");
+  HeadDims d{};
+  d.kind = (int)kind;
+  d.B = (int)B;
+  d.D = (int)D;
+  d.S = (int)S;
+  d.seg = (int)(D / S);
+  d.H = (int)H;
+  d.n = (int)n;
+  d.C = (int)C;
+  d.dropout = dropout > 0.0;
+  d.threshold = keep_threshold(dropout);
+  d.scale = 1.0 / (1.0 - dropout);
+  const DeviceInfo info{(int)sms, (size_t)max_smem, 9};
+  std::string out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "launch_plan", [&] {
+    out = kern::describe_plans<typename DevType<scalar_t>::type>(d, info, info.max_smem,
+                                                                  d.seg % kern::kPad == 0);
+  });
   return out;
 }
 
