@@ -3,8 +3,8 @@
 #   memcheck  - out-of-bounds / misaligned global and shared memory accesses
 #   racecheck - shared-memory data races (missing __syncthreads / __syncwarp)
 #   synccheck - illegal barrier use
-# Covers both heads, every dtype, dropout on/off, the 64-row tile, the global-memory fallback
-# and multi-chunk weight gradients.  Usage: bench/sanitize.sh [output dir]
+# Covers both heads, every dtype, dropout on/off, the 64- and 128-row tiles, the shared-memory
+# fallbacks (x / h / accumulators in global memory) and multi-chunk weight gradients.  Usage: bench/sanitize.sh [output dir]
 # Exit status: non-zero when a tool reports an error.  Without a GPU it prints why and exits 0.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -25,7 +25,8 @@ from spinalkern.spec import HeadSpec
 torch.manual_seed(0)
 cases = [("spinal", 74, 64, 3, 26, 2, 37), ("progressive", 37, 128, 2, 10, 1, 70),
          ("spinal", 256, 256, 2, 100, 2, 40)]
-knobs = [{}, {"SPINALKERN_CUDA_TILE_M": "64"}, {"SPINALKERN_CUDA_SMEM_LIMIT": "4096"},
+knobs = [{}, {"SPINALKERN_CUDA_TILE_M": "64", "SPINALKERN_CUDA_CHAIN_TILE_M": "64"},
+         {"SPINALKERN_CUDA_TILE_M": "128"}, {"SPINALKERN_CUDA_SMEM_LIMIT": "110000"},
          {"SPINALKERN_CUDA_DW_CHUNK_ROWS": "17"}]
 for env in knobs:
     os.environ.update(env)

@@ -77,7 +77,6 @@ SK_GLOBAL void SK_LAUNCH_BOUNDS(kThreads)
   const T* hsrc = pl.ht_smem ? pl.smem.ptr<T>(smem, kSmHt) : p.hu + (int64_t)row0 * hpw;
   A* dh = pl.dh_smem ? pl.smem.ptr<A>(smem, kSmDh) : p.dh_g + (int64_t)row0 * nH;
   A* gx = pl.gx_smem ? pl.smem.ptr<A>(smem, kSmGx) : p.gx_g + (int64_t)row0 * d.D;
-  const uint64_t seed = d.dropout ? (uint64_t)p.seed[0] : 0;
 
   if (pl.ht_smem) copy_rows_async(pl.smem.ptr<T>(smem, kSmHt), hpw, p.hu + (int64_t)row0 * hpw,
                                   hpw, BM, rows, hpw);
@@ -144,7 +143,7 @@ SK_GLOBAL void SK_LAUNCH_BOUNDS(kThreads)
         const UCol u = u_col(d, lay, c);
         if (!u.valid) return;
         if (u.in_x ? lay.drop_x : lay.drop_h)
-          v = dropout(d, seed, v, u.mask_col, row0 + m, lay.stream);
+          v = dropout(d, p.masks, v, u.mask_col, row0 + m, lay.stream);
         if (u.in_x)
           gx[m * d.D + u.col] += v;
         else
@@ -185,7 +184,6 @@ SK_GLOBAL void SK_LAUNCH_BOUNDS(kThreads)
   const int r0 = (int)blockIdx.y * pl.chunk_rows, rows = min(pl.chunk_rows, d.B - r0);
   const int zoff = dz_offset(d, L) + j0, zvalid = pad16(lay.N) - j0;
   const bool drop = lay.drop_x || lay.drop_h;
-  const uint64_t seed = drop ? (uint64_t)p.seed[0] : 0;
   unsigned char* ring = smem + pl.smem.offset[kSmRing];
 
   // Stage kc: A = dz_L rows r0 + kc*BK .. (BK x BM, [r][j]); B = u_L rows (BK x BN, [r][c]).
@@ -222,6 +220,13 @@ SK_GLOBAL void SK_LAUNCH_BOUNDS(kThreads)
     cp_async_commit();
   }
 
+  // the mask column of this thread's column of the u tile (-1: not dropped)
+  int mask_col = -1;
+  if (drop) {
+    const int c = c0 + (int)threadIdx.x % BN;
+    const UCol u = u_col(d, lay, c);
+    if (c < lay.K_pad && u.valid && (u.in_x ? lay.drop_x : lay.drop_h)) mask_col = u.mask_col;
+  }
   WarpGemm<T, BM, BN, true, true> g;
   g.zero();
   A bsum = A(0);  // bias: column tid % BM, rows of slice tid / BM of every chunk
@@ -232,12 +237,15 @@ SK_GLOBAL void SK_LAUNCH_BOUNDS(kThreads)
     const T* as = reinterpret_cast<const T*>(st);
     T* bs = reinterpret_cast<T*>(st + Cfg::kStageBBytes);
     if (drop) {  // u_L's dropout mask, applied in place to the landed tile
-      for (int i = (int)threadIdx.x; i < BK * BN; i += kThreads) {
-        const int r = i / BN, nn = i % BN, row = r0 + kc * BK + r;
-        const UCol u = u_col(d, lay, c0 + nn);
-        if (row < d.B && c0 + nn < lay.K_pad && u.valid && (u.in_x ? lay.drop_x : lay.drop_h))
-          bs[r * PB + nn] = from_acc<T>(dropout(d, seed, to_acc(bs[r * PB + nn]), u.mask_col, row,
-                                                 lay.stream));
+      static_assert(kThreads % BN == 0, "a thread masks one column of the tile");
+      const int nn = (int)threadIdx.x % BN;
+      if (mask_col >= 0) {
+        for (int r = (int)threadIdx.x / BN; r < BK; r += kThreads / BN) {
+          const int row = r0 + kc * BK + r;
+          if (row < d.B)
+            bs[r * PB + nn] = from_acc<T>(
+                dropout(d, p.masks, to_acc(bs[r * PB + nn]), mask_col, row, lay.stream));
+        }
       }
       __syncthreads();
     }

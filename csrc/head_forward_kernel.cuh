@@ -98,7 +98,6 @@ SK_GLOBAL void SK_LAUNCH_BOUNDS(kThreads)
   T* ubuf = pl.smem.ptr<T>(smem, kSmU);
   A* bias = pl.smem.ptr<A>(smem, kSmBias);
   T* ring = pl.smem.ptr<T>(smem, kSmRing);
-  const uint64_t seed = d.dropout ? (uint64_t)p.seed[0] : 0;
 
   // Prologue: x row tile (async), biases (layer L at L * hp, zero in the padding), stream.
   if (pl.x_res) {
@@ -134,7 +133,7 @@ SK_GLOBAL void SK_LAUNCH_BOUNDS(kThreads)
         else
           v = to_acc(pl.h_res ? act[m * pl.act_pitch + pl.act_hcol + (u.blk % pl.hslots) * hp + u.j]
                               : p.hscratch[(int64_t)row * hpw + u.blk * hp + u.j]);
-        if (u.in_x ? lay.drop_x : lay.drop_h) v = dropout(d, seed, v, u.mask_col, row, lay.stream);
+        if (u.in_x ? lay.drop_x : lay.drop_h) v = dropout(d, p.masks, v, u.mask_col, row, lay.stream);
       }
       ubuf[m * pl.u_pitch + (c - k0)] = from_acc<T>(v);
     }

@@ -181,11 +181,5 @@ SK_DEV void copy_rows_async(T* dst, int pitch, const T* src, int64_t ld, int row
   }
 }
 
-// Dropout of one element of u_L: (row, mask column) of Philox stream `stream`.
-template <typename A>
-SK_DEV A dropout(const HeadDims& d, uint64_t seed, A v, int mask_col, int row, int stream) {
-  return keep_element(seed, mask_col, row, stream, d.threshold) ? v * (A)d.scale : A(0);
-}
-
 }  // namespace kern
 }  // namespace spinalkern

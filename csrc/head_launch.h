@@ -167,6 +167,25 @@ void padded_weights(const HeadDims& d, const std::vector<at::Tensor>& weights, P
   }
 }
 
+// Every dropout keep bit the op needs (kern::mask_offset), computed once by a launch that
+// spreads the Philox work over the whole GPU; the tensor lives as long as the op call.
+inline at::Tensor dropout_masks(const HeadDims& d, const at::Tensor& seed, sk_stream_t stream,
+                                const DeviceInfo& info) {
+  const int ns = kern::mask_streams(d);
+  const int64_t words = kern::mask_offset(d, ns - 1) + (int64_t)d.B * kern::mask_words(d, ns - 1);
+  at::Tensor masks = at::empty({words}, seed.options().dtype(at::kInt));
+  int64_t widest = 0;
+  for (int s = 0; s < ns; ++s) widest = std::max<int64_t>(widest, (int64_t)d.B * kern::mask_words(d, s));
+  const int blocks = (int)std::max<int64_t>(
+      1, std::min<int64_t>((widest + kern::kThreads - 1) / kern::kThreads,
+                           kern::cdiv(4 * info.sms, ns)));
+  auto kfn = kern::dropout_mask_kernel<>;
+  SK_LAUNCH(kfn, dim3(blocks, ns), dim3(kern::kThreads), 0, stream, seed.data_ptr<int64_t>(), d,
+            reinterpret_cast<uint32_t*>(masks.data_ptr<int32_t>()));
+  launch_check();
+  return masks;
+}
+
 // ---- forward -------------------------------------------------------------------------------
 template <typename T>
 void forward_device(const HeadDims& d, const at::Tensor& x, const std::vector<at::Tensor>& weights,
@@ -183,7 +202,11 @@ void forward_device(const HeadDims& d, const at::Tensor& x, const std::vector<at
                                  (int)env_int("SPINALKERN_CUDA_TILE_M", 0));
   p.x = ptr<const T>(x);
   for (int L = 0; L <= d.n; ++L) p.b[L] = ptr<const T>(biases[L]);
-  p.seed = d.dropout ? seed->data_ptr<int64_t>() : nullptr;
+  at::Tensor masks;
+  if (d.dropout) {
+    masks = dropout_masks(d, *seed, stream, info);
+    p.masks = reinterpret_cast<const uint32_t*>(masks.data_ptr<int32_t>());
+  }
   p.y = ptr<T>(y);
   p.hidden = save_hidden ? ptr<T>(hidden) : nullptr;
   at::Tensor hscratch;
@@ -252,7 +275,11 @@ void backward_device(const HeadDims& d, const at::Tensor& grad_y, const at::Tens
   pk.launch(stream, info);
   p.grad_y = ptr<const T>(grad_y);
   p.hidden = ptr<const T>(hidden);
-  p.seed = d.dropout ? seed->data_ptr<int64_t>() : nullptr;
+  at::Tensor masks;
+  if (d.dropout) {
+    masks = dropout_masks(d, *seed, stream, info);
+    p.masks = reinterpret_cast<const uint32_t*>(masks.data_ptr<int32_t>());
+  }
   p.d = d;
   p.chain = kern::plan_chain<T>(d, info, budget, (int)env_int("SPINALKERN_CUDA_CHAIN_TILE_M", 0));
   p.ldz = kern::h_pad_width(d) + pad16(d.C);

@@ -30,6 +30,24 @@ SK_GLOBAL void SK_LAUNCH_BOUNDS(kThreads) pack_kernel(SK_GRID_CONSTANT const Pac
   }
 }
 
+// Every keep bit of the op: blockIdx.y = mask stream s, one thread per 32-column word.
+template <typename Unused = void>
+SK_GLOBAL void SK_LAUNCH_BOUNDS(kThreads)
+    dropout_mask_kernel(const int64_t* seed, HeadDims d, uint32_t* masks) {
+  const uint64_t key = (uint64_t)seed[0];
+  const int s = (int)blockIdx.y, words = mask_words(d, s), width = mask_width(d, s);
+  const int stream = d.kind == kSpinal ? s : 0;
+  uint32_t* out = masks + mask_offset(d, s);
+  const int64_t total = (int64_t)d.B * words, stride = (int64_t)gridDim.x * kThreads;
+  for (int64_t i = (int64_t)blockIdx.x * kThreads + threadIdx.x; i < total; i += stride) {
+    const int row = (int)(i / words), c0 = (int)(i - (int64_t)row * words) * 32;
+    uint32_t w = 0;
+    for (int b = 0; b < 32 && c0 + b < width; ++b)
+      w |= (uint32_t)keep_element(key, c0 + b, row, stream, d.threshold) << b;
+    out[i] = w;
+  }
+}
+
 // Testing aid: the dropout keep-mask of one stream, (rows, cols).  (A template only so that
 // the header can be included by several translation units.)
 template <typename Unused = void>

@@ -28,7 +28,7 @@ struct ForwardParams {
   const T* x;                    // (B, D), natural layout
   const T* w[kMaxLayers + 1];    // W_0..W_{n-1}, W_out in the padded layout of u_L
   const T* b[kMaxLayers + 1];
-  const int64_t* seed;           // (1,), read only with dropout
+  const uint32_t* masks;         // dropout keep bits (see mask_offset), or nullptr
   T* y;                          // (B, C)
   T* hidden;                     // (B, n*H) output, or nullptr
   T* hscratch;                   // (B, n*pad16(H)) h storage when !plan.h_res, else nullptr
@@ -61,7 +61,7 @@ struct BackwardParams {
   const T* xu;                   // x in the padded layout (B, x_pad_width), 16-byte aligned
   const T* hu;                   // hidden in the padded layout (B, h_pad_width), aligned
   const T* w[kMaxLayers + 1];    // weights in the padded layout
-  const int64_t* seed;
+  const uint32_t* masks;         // dropout keep bits (see mask_offset), or nullptr
   T* dz;                         // (B, ldz) workspace: [dz_0 | .. | dz_{n-1} | dz_n], padded
   int ldz;                       // h_pad_width + pad16(C)
   A* dh_g;                       // (B, n*H) dh accumulators when !chain.dh_smem

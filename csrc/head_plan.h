@@ -6,12 +6,13 @@
 // chain 16/64; fp32 16/64; fp64 16): the largest that still gives at least half as many CTAs
 // as the GPU has SMs (bigger tiles re-read the weights from L2 fewer times), else 16, the
 // smallest tile of the tensor-core instruction (small batches: ceil(B/16) CTAs, twice the
-// SMs of 32-row tiles); then the largest that fits in shared memory.  Within a tile size,
-// residency is given up in this order until the layout fits: x tile, h (forward); hidden
-// tile, grad_x accumulators, dh accumulators (chain).
+// SMs of 32-row tiles) -- among the tiles whose layout keeps everything on chip (forward: x
+// and h; chain: grad_x and dh accumulators) if any fits, else with fallbacks, given up in
+// this order: x tile, h (forward); hidden tile, grad_x accumulators, dh accumulators (chain).
 #pragma once
 
 #include <algorithm>
+#include <iterator>
 #include <sstream>
 #include <string>
 #include <type_traits>
@@ -106,13 +107,13 @@ ForwardPlan forward_layout(const HeadDims& d, int level, bool x_aligned) {
   return pl;
 }
 
-// Returns false when no layout of this tile size fits in `budget` bytes.
+// Returns false when no layout of this tile size up to `max_level` fits in `budget` bytes.
 template <typename T>
 bool forward_plan_for_tile(const HeadDims& d, int bm, bool x_aligned, size_t budget,
-                           ForwardPlan& out) {
+                           ForwardPlan& out, int max_level = 2) {
   bool ok = false;
   with_forward_tile<T>(bm, [&](auto BM) {
-    for (int level = 0; level < 3 && !ok; ++level) {
+    for (int level = 0; level <= max_level && !ok; ++level) {
       out = forward_layout<T, decltype(BM)::value>(d, level, x_aligned);
       ok = out.smem.total <= budget;
     }
@@ -124,17 +125,24 @@ template <typename T>
 ForwardPlan plan_forward(const HeadDims& d, const DeviceInfo& info, size_t budget,
                          bool x_aligned, int forced_bm) {
   ForwardPlan pl{};
+  if (std::find(std::begin(Tiles<T>::kForward), std::end(Tiles<T>::kForward), forced_bm) ==
+      std::end(Tiles<T>::kForward))
+    forced_bm = 0;  // (a forced tile applies to the element types compiled with it)
   if (forced_bm > 0) {
     TORCH_CHECK_VALUE(forward_plan_for_tile<T>(d, forced_bm, x_aligned, budget, pl),
                       "spinalkern: the forced ", forced_bm, "-row forward tile does not fit in ",
                       budget, " bytes of shared memory");
     return pl;
   }
-  for (int bm : Tiles<T>::kForward) {
-    if (bm == 0) continue;
-    const bool enough_ctas = cdiv(d.B, bm) >= info.sms / 2;
-    if ((enough_ctas || bm == 16) && forward_plan_for_tile<T>(d, bm, x_aligned, budget, pl))
-      return pl;
+  // first everything on chip, then the fallbacks
+  for (int max_level : {0, 2}) {
+    for (int bm : Tiles<T>::kForward) {
+      if (bm == 0) continue;
+      const bool enough_ctas = cdiv(d.B, bm) >= info.sms / 2;
+      if ((enough_ctas || bm == 16) &&
+          forward_plan_for_tile<T>(d, bm, x_aligned, budget, pl, max_level))
+        return pl;
+    }
   }
   for (int bm : Tiles<T>::kForward)  // a tile size that fits, whatever the batch
     if (bm != 0 && forward_plan_for_tile<T>(d, bm, x_aligned, budget, pl)) return pl;
@@ -172,10 +180,11 @@ ChainPlan chain_layout(const HeadDims& d, int level) {
 }
 
 template <typename T>
-bool chain_plan_for_tile(const HeadDims& d, int bm, size_t budget, ChainPlan& out) {
+bool chain_plan_for_tile(const HeadDims& d, int bm, size_t budget, ChainPlan& out,
+                         int max_level = 3) {
   bool ok = false;
   with_chain_tile<T>(bm, [&](auto BM) {
-    for (int level = 0; level < 4 && !ok; ++level) {
+    for (int level = 0; level <= max_level && !ok; ++level) {
       out = chain_layout<T, decltype(BM)::value>(d, level);
       ok = out.smem.total <= budget;
     }
@@ -186,16 +195,23 @@ bool chain_plan_for_tile(const HeadDims& d, int bm, size_t budget, ChainPlan& ou
 template <typename T>
 ChainPlan plan_chain(const HeadDims& d, const DeviceInfo& info, size_t budget, int forced_bm) {
   ChainPlan pl{};
+  if (std::find(std::begin(Tiles<T>::kChain), std::end(Tiles<T>::kChain), forced_bm) ==
+      std::end(Tiles<T>::kChain))
+    forced_bm = 0;
   if (forced_bm > 0) {
     TORCH_CHECK_VALUE(chain_plan_for_tile<T>(d, forced_bm, budget, pl),
                       "spinalkern: the forced ", forced_bm, "-row chain tile does not fit in ",
                       budget, " bytes of shared memory");
     return pl;
   }
-  for (int bm : Tiles<T>::kChain) {
-    if (bm == 0) continue;
-    const bool enough_ctas = cdiv(d.B, bm) >= info.sms / 2;
-    if ((enough_ctas || bm == 16) && chain_plan_for_tile<T>(d, bm, budget, pl)) return pl;
+  // first the accumulators on chip (global ones cost memory and traffic), then the fallbacks
+  for (int max_level : {1, 3}) {
+    for (int bm : Tiles<T>::kChain) {
+      if (bm == 0) continue;
+      const bool enough_ctas = cdiv(d.B, bm) >= info.sms / 2;
+      if ((enough_ctas || bm == 16) && chain_plan_for_tile<T>(d, bm, budget, pl, max_level))
+        return pl;
+    }
   }
   TORCH_CHECK_VALUE(false, "spinalkern: this head is too large for the CUDA kernels' shared "
                     "memory (", budget, " bytes): use backend='triton'");
@@ -204,7 +220,7 @@ ChainPlan plan_chain(const HeadDims& d, const DeviceInfo& info, size_t budget, i
 
 // ---- backward: weight gradients ----------------------------------------------------------------
 // Batch chunks: enough (tile, chunk) CTAs to fill the GPU twice, at least 64 rows per chunk,
-// and the fp32 partials at most 4x the bytes of x (they are a temporary of the backward).
+// and the fp32 partials (a temporary of the backward) at most the bytes of hidden.
 template <typename T>
 WgradPlan plan_wgrad(const HeadDims& d, const DeviceInfo& info, int64_t ldp, int64_t forced_rows) {
   using Cfg = WgradCfg<T>;
@@ -218,7 +234,7 @@ WgradPlan plan_wgrad(const HeadDims& d, const DeviceInfo& info, int64_t ldp, int
   int64_t rows = forced_rows > 0 ? std::min<int64_t>(forced_rows, d.B) : 0;
   if (rows <= 0) {
     int64_t want = std::max(1, std::min(cdiv(2 * info.sms, pl.tiles), cdiv(d.B, 64)));
-    const int64_t cap = 4 * (int64_t)d.B * d.D * (int64_t)sizeof(T) / (ldp * (int64_t)sizeof(A));
+    const int64_t cap = (int64_t)d.B * d.n * d.H * (int64_t)sizeof(T) / (ldp * (int64_t)sizeof(A));
     want = std::max<int64_t>(1, std::min(want, cap));
     rows = (int64_t)cdiv(cdiv(d.B, (int)want), Cfg::BK) * Cfg::BK;
   }

@@ -148,6 +148,29 @@ SK_HD UCol u_col(const HeadDims& d, const PaddedLayer& p, int c) {
   return u;
 }
 
+// ---- dropout keep-masks ----------------------------------------------------------------------
+// With dropout, each op first computes every keep bit it needs once, in parallel over the whole
+// GPU (dropout_mask_kernel), into a transient bitmask that its kernels read: stream s (spinal:
+// s = L over the columns of u_L; progressive: s = 0 over the columns of x) at
+// words [mask_offset(s) + row * mask_words(s), ...), bit c % 32 of word c / 32 of column c.
+SK_HD int mask_streams(const HeadDims& d) { return d.kind == kSpinal ? d.n + 1 : 1; }
+SK_HD int mask_width(const HeadDims& d, int s) {
+  return d.kind == kSpinal ? layer_info(d, s).K : d.D;
+}
+SK_HD int mask_words(const HeadDims& d, int s) { return cdiv(mask_width(d, s), 32); }
+SK_HD int64_t mask_offset(const HeadDims& d, int s) {  // s < mask_streams(d)
+  // spinal widths: K_0 = seg, K_1..K_{n-1} = seg + H, K_n = n H; progressive: one stream
+  if (s == 0) return 0;
+  const int64_t words = cdiv(d.seg, 32) + (int64_t)(s - 1) * cdiv(d.seg + d.H, 32);
+  return words * d.B;
+}
+// Dropout of v = element (row, column col of mask stream s).
+template <typename A>
+SK_DEV A dropout(const HeadDims& d, const uint32_t* masks, A v, int col, int row, int s) {
+  const uint32_t w = masks[mask_offset(d, s) + (int64_t)row * mask_words(d, s) + col / 32];
+  return (w >> (col % 32)) & 1u ? v * (A)d.scale : A(0);
+}
+
 // ---- shared memory -------------------------------------------------------------------------
 // The regions a kernel may use, in this order, each 128-byte aligned.  A plan (head_plan.h)
 // sizes the ones its kernel needs; absent regions have 0 bytes.
