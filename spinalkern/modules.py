@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import _backends
+from . import _backends, ops
 from .reference import reference_forward
 from .rng import new_seed
 from .spec import HeadSpec
@@ -104,9 +104,10 @@ def fused_head(spec: HeadSpec, x, weights, biases, dropout: float, backend: str)
     seed = new_seed(x.device) if dropout > 0.0 else None
     needs_grad = torch.is_grad_enabled() and (
         x.requires_grad or any(t.requires_grad for t in (*weights, *biases)))
+    save_hidden = needs_grad and not ops.recompute_hidden(x.shape[0])
     y, _ = op(x.contiguous(), [w.contiguous() for w in weights],
               [b.contiguous() for b in biases], seed, spec.kind_code, spec.num_splits,
-              dropout, needs_grad)
+              dropout, save_hidden)
     return y
 
 

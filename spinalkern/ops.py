@@ -6,7 +6,8 @@ Each fused backend ``B`` (``"triton"``, ``"cuda"``) provides two ops with the sa
 -> (y, hidden)``
     ``weights``/``biases`` are ``[W_0..W_{n-1}, W_out]`` and their biases, all in x's dtype.
     ``hidden`` is ``[h_0; ...; h_{n-1}]`` (B, n*H), post-ReLU, in x's dtype, when
-    ``save_hidden``; otherwise an empty (0,) tensor.  ``seed``: (1,) int64 tensor on x's
+    ``save_hidden``; otherwise an empty (0,) tensor (and autograd recomputes hidden in
+    backward, see ``RECOMPUTE_HIDDEN_FROM_BATCH``).  ``seed``: (1,) int64 tensor on x's
     device, read only when ``dropout > 0``.
 ``spinalkern::B_head_backward(grad_y, x, weights, hidden, seed, kind, num_splits, dropout)
 -> (grad_x, grad_params)``
@@ -98,26 +99,37 @@ def _fake_backward(grad_y, x, weights, hidden, seed, kind, num_splits, dropout):
     return torch.empty_like(x), weights[0].new_empty((spec.num_params(),))
 
 
-def _make_autograd(backward_op):
+# From this batch size on, the fused heads keep only their inputs from forward to backward and
+# recompute hidden (B x n*H) in backward with one more forward launch, instead of saving it.
+# None (the default until GPU benchmarks show where it pays): always save hidden.
+RECOMPUTE_HIDDEN_FROM_BATCH: int | None = None
+
+
+def recompute_hidden(batch: int) -> bool:
+    return RECOMPUTE_HIDDEN_FROM_BATCH is not None and batch >= RECOMPUTE_HIDDEN_FROM_BATCH
+
+
+def _make_autograd(forward_op, backward_op):
     def setup_context(ctx, inputs, output):
         x, weights, biases, seed, kind, num_splits, dropout, save_hidden = inputs
         ctx.mark_non_differentiable(output[1])  # hidden is a by-product saved for backward
-        if not save_hidden:
-            ctx.no_hidden = True
-        else:
-            ctx.no_hidden = False
-            ctx.save_for_backward(x, output[1], seed if seed is not None else x.new_empty(0),
-                                  *weights)
+        # save_hidden=False: backward recomputes hidden with the forward op (biases kept)
+        ctx.recompute = not save_hidden
+        ctx.n_weights = len(weights)
+        ctx.save_for_backward(x, x.new_empty(0) if ctx.recompute else output[1],
+                              seed if seed is not None else x.new_empty(0), *weights,
+                              *(biases if ctx.recompute else ()))
         ctx.args = (kind, num_splits, dropout, seed is not None)
 
     def backward(ctx, grad_y, grad_hidden):
-        if ctx.no_hidden:
-            raise RuntimeError("spinalkern: the forward ran with save_hidden=False, so it cannot "
-                               "be differentiated; call it with save_hidden=True")
-        x, hidden, seed, *weights = ctx.saved_tensors
+        x, hidden, seed, *params = ctx.saved_tensors
+        weights, biases = params[:ctx.n_weights], params[ctx.n_weights:]
         kind, num_splits, dropout, has_seed = ctx.args
-        grad_x, flat = backward_op(grad_y.contiguous(), x, weights, hidden,
-                                   seed if has_seed else None, kind, num_splits, dropout)
+        seed = seed if has_seed else None
+        if ctx.recompute:
+            _, hidden = forward_op(x, weights, biases, seed, kind, num_splits, dropout, True)
+        grad_x, flat = backward_op(grad_y.contiguous(), x, weights, hidden, seed, kind,
+                                   num_splits, dropout)
         dws, dbs = split_grad_params(spec_from_args(x, weights, kind, num_splits), flat)
         return grad_x, dws, dbs, None, None, None, None, None
 
@@ -139,6 +151,6 @@ def register_backend(backend: str):
     bwd = getattr(torch.ops.spinalkern, f"{backend}_head_backward").default
     torch.library.register_fake(fwd, _fake_forward)
     torch.library.register_fake(bwd, _fake_backward)
-    setup_context, backward = _make_autograd(bwd)
+    setup_context, backward = _make_autograd(fwd, bwd)
     torch.library.register_autograd(fwd, backward, setup_context=setup_context)
     return fwd
