@@ -16,12 +16,21 @@ machine without a GPU; otherwise the extension holds the C++ CPU ops only.  Knob
     CUDA_HOME              the CUDA toolkit (default: found from nvcc)
 
 With pip, use --no-build-isolation: an isolated build environment would download and build
-against a different torch than the one installed, and the extension would not load.
+against a different torch than the one installed, and the extension would not load.  Such a
+build needs setuptools >= 77 in the environment.
+
+The C++ standard is the one torch's BuildExtension uses for the installed torch (its headers
+decide: C++17 for torch 2.11, newer releases need C++20), so it is never passed here.  What the
+build used (torch, CUDA, architectures, flags) is written to spinalkern/_build_info.py beside
+the extension; `python -m spinalkern.info` prints it.
 """
 import os
+import re
 import shutil
+import subprocess
 import sys
 
+import setuptools
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -60,6 +69,27 @@ def _find_cuda_home():
         pass
     return os.path.dirname(os.path.dirname(nvcc))
 
+
+MIN_SETUPTOOLS = (77, 0)  # pyproject.toml's SPDX `license` (PEP 639); bdist_wheel built in
+
+
+def _check_setuptools():
+    """Fail at once, saying what to do, where an old setuptools would fail later and obscurely:
+    a --no-build-isolation build uses the environment's setuptools (Python 3.11's venv comes
+    with 65.5, which cannot read pyproject.toml's license nor build a wheel without the wheel
+    package, whose recent releases no longer provide bdist_wheel)."""
+    try:
+        version = tuple(int(p) for p in setuptools.__version__.split(".")[:2])
+    except ValueError:
+        return  # a development version: let it try
+    if version < MIN_SETUPTOOLS:
+        raise SystemExit(
+            f"spinalkern needs setuptools>={MIN_SETUPTOOLS[0]} to build, this environment has "
+            f"{setuptools.__version__}. Run `python -m pip install \"setuptools>=77\"` and "
+            "repeat the command (with pip: pip install --no-build-isolation ...).")
+
+
+_check_setuptools()
 
 # CUDA_HOME must be settled before torch.utils.cpp_extension is imported (it reads it once).
 _cuda_home = _find_cuda_home()
@@ -125,7 +155,8 @@ def _arch_list():
 
 
 def extensions():
-    cxx = ["-O3", "-std=c++17", "-DSK_PYTHON_MODULE"]
+    # No -std flag: BuildExtension adds the standard the installed torch's headers need.
+    cxx = ["-O3", "-DSK_PYTHON_MODULE"]
     sources = ["csrc/spinal_head.cpp"]
     if not _use_cuda():
         return [CppExtension("spinalkern._C", sources, extra_compile_args={"cxx": cxx})]
@@ -133,7 +164,7 @@ def extensions():
     _log(f"building the CUDA extension (CUDA_HOME={_cuda_home}, torch {torch.__version__}, "
          f"archs {os.environ['TORCH_CUDA_ARCH_LIST']}, "
          f"MAX_JOBS={os.environ['MAX_JOBS']})")
-    nvcc = ["-O3", "-std=c++17", "-DSK_PYTHON_MODULE",
+    nvcc = ["-O3", "-DSK_PYTHON_MODULE",
             "--expt-relaxed-constexpr", "-Xptxas=--warn-on-spills"]
     if _flag("SPINALKERN_PTXAS_VERBOSE"):
         nvcc.append("-Xptxas=-v")
@@ -145,7 +176,79 @@ def extensions():
     )]
 
 
+def _nvcc_version():
+    nvcc = os.path.join(_cuda_home or "", "bin", "nvcc")
+    if not os.path.exists(nvcc):
+        return None
+    try:
+        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    m = re.search(r"release ([0-9.]+), V([0-9.]+)", out)
+    return m.group(2) if m else None
+
+
+def _ninja_flags(build_temp):
+    """The compile flags BuildExtension actually used (its ninja file), e.g. the -std it added."""
+    flags = {}
+    try:
+        with open(os.path.join(build_temp, "build.ninja")) as f:
+            for line in f:
+                name, sep, value = line.partition(" = ")
+                if sep and name in ("cflags", "post_cflags", "cuda_cflags", "cuda_post_cflags"):
+                    flags[name] = value.split()
+    except OSError:
+        pass
+    return flags
+
+
+class BuildWithInfo(BuildExtension):
+    """BuildExtension that also writes spinalkern/_build_info.py beside the built extension."""
+
+    def run(self):
+        # setuptools clears self.inplace while it builds (then copies the result to the source
+        # tree): remember whether the extension ends up in the source tree.
+        self._to_source = bool(self.inplace or getattr(self, "editable_mode", False))
+        super().run()
+
+    def build_extensions(self):
+        super().build_extensions()
+        flags = _ninja_flags(self.build_temp)
+        ext = self.extensions[0]
+        with_cuda = ("SK_WITH_CUDA", "1") in (ext.define_macros or [])
+        std = sorted({f.split("=", 1)[1] for v in flags.values() for f in v
+                      if f.startswith("-std=")})
+        args = ext.extra_compile_args if isinstance(ext.extra_compile_args, dict) else {}
+        info = {
+            "version": _read_version(),
+            "torch": torch.__version__,
+            "torch_cuda": torch.version.cuda,
+            "python": sys.version.split()[0],
+            "with_cuda": with_cuda,
+            "nvcc": _nvcc_version() if with_cuda else None,
+            "cuda_arch_list": os.environ.get("TORCH_CUDA_ARCH_LIST") if with_cuda else None,
+            "cxx_standard": std[0] if len(std) == 1 else (std or None),
+            "cxx_flags": flags.get("post_cflags") or args.get("cxx"),
+            "nvcc_flags": (flags.get("cuda_post_cflags") or args.get("nvcc")) if with_cuda else None,
+            "ninja": bool(flags),
+        }
+        text = ("# Generated by setup.py when spinalkern._C was built; do not edit.\n"
+                f"BUILD_INFO = {info!r}\n")
+        targets = {os.path.dirname(self.get_ext_fullpath(ext.name))}
+        if getattr(self, "_to_source", False):
+            targets.add(os.path.join(ROOT, "spinalkern"))
+        for d in targets:
+            os.makedirs(d, exist_ok=True)
+            with open(os.path.join(d, "_build_info.py"), "w") as f:
+                f.write(text)
+
+
+def _read_version():
+    with open(os.path.join(ROOT, "spinalkern", "__init__.py")) as f:
+        return re.search(r'^__version__ = "([^"]+)"', f.read(), re.M).group(1)
+
+
 setup(
     ext_modules=extensions(),
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)},
+    cmdclass={"build_ext": BuildWithInfo.with_options(use_ninja=shutil.which("ninja") is not None)},
 )

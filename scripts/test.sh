@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The test command: on a fresh machine it creates the pinned environment, builds the C++/CUDA
-# extension both ways (setup.py and CMake; CUDA code is compiled even without a GPU), checks
-# every shipped kernel binary for register spills, runs the README's main training command and
-# the test suite (GPU tests run where a GPU is present).
+# extension both ways (setup.py and CMake; CUDA code is compiled even without a GPU), builds
+# the wheel and uses it from a fresh environment, checks every shipped kernel binary for
+# register spills, runs the README's main training command and the test suite (GPU tests run
+# where a GPU is present).
 #
 #   bash scripts/test.sh            # everything
 #   bash scripts/test.sh -k triton  # extra arguments go to pytest
@@ -24,6 +25,9 @@ cmake -S . -B build/cmake -DCMAKE_PREFIX_PATH="$(python -c 'import torch;print(t
       -DCMAKE_CUDA_ARCHITECTURES=90 > build/cmake-configure.log
 cmake --build build/cmake -j"$MAX_JOBS" > build/cmake-build.log
 python scripts/check_cuda_build.py build/cmake/libspinalkern.so --arch 90
+
+step "package: sdist -> wheel (CPU-only extension) -> fresh venv -> used outside the checkout"
+python scripts/check_wheel.py
 
 step "Triton kernels: ahead-of-time compile for sm_90; registers / spills / shared memory"
 python scripts/check_triton_kernels.py --out build/triton_resources.json
