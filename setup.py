@@ -6,9 +6,9 @@ The CUDA kernels are built whenever nvcc and a CUDA build of torch are present, 
 machine without a GPU; otherwise the extension holds the C++ CPU ops only.  Knobs
 (environment variables):
 
-    TORCH_CUDA_ARCH_LIST   GPU architectures; default "8.0;9.0" plus those of the visible
-                           GPUs.  8.0 is the minimum (bf16 tensor cores).  Append +PTX to
-                           embed PTX for newer GPUs.
+    TORCH_CUDA_ARCH_LIST   GPU architectures; default "8.0;9.0+PTX" (SASS for sm_80 and
+                           sm_90, and PTX that newer GPUs compile at load time) plus those of
+                           the visible GPUs.  8.0 is the minimum (bf16 tensor cores).
     SPINALKERN_FORCE_CUDA=1   fail instead of building CPU-only when CUDA is not usable
     SPINALKERN_SKIP_CUDA=1    build the CPU-only extension
     SPINALKERN_PTXAS_VERBOSE=1  print ptxas register/spill reports while compiling
@@ -34,7 +34,7 @@ import setuptools
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_ARCHS = "8.0;9.0"
+DEFAULT_ARCHS = "8.0;9.0+PTX"
 
 
 def _log(msg):
@@ -133,7 +133,7 @@ def _arch_list():
         if torch.cuda.is_available():
             for i in range(torch.cuda.device_count()):
                 cap = "{}.{}".format(*torch.cuda.get_device_capability(i))
-                if cap not in found:
+                if cap not in [a.split("+")[0] for a in found]:
                     found.append(cap)
         archs = ";".join(found)
     keep = []

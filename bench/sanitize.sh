@@ -6,8 +6,8 @@
 #
 #   bench/sanitize.sh [--quick] [LOGDIR]     (default LOGDIR: build/sanitize)
 #
-# Full: both heads, every dtype, dropout on/off, the 64-row tile, the global-memory fallback
-# and multi-chunk weight gradients.  --quick: one small case per tool (the GPU runbook).
+# Full: both heads, every dtype, dropout on/off, the 64- and 128-row tiles, the shared-memory
+# fallbacks (x / h / accumulators in global memory) and multi-chunk weight gradients.  --quick: one small case per tool (the GPU runbook).
 # Interpreter: python3, or $PYTHON.
 # Exit status: 0 every tool clean; 1 a tool reported an error; 2 the interpreter cannot
 # import torch; 77 skipped, with the reason on the last line ("skipped (...): ..."): no GPU,
@@ -59,7 +59,8 @@ if quick:
 else:
     cases = [("spinal", 74, 64, 3, 26, 2, 37), ("progressive", 37, 128, 2, 10, 1, 70),
              ("spinal", 256, 256, 2, 100, 2, 40)]
-    knobs = [{}, {"SPINALKERN_CUDA_TILE_M": "64"}, {"SPINALKERN_CUDA_SMEM_LIMIT": "4096"},
+    knobs = [{}, {"SPINALKERN_CUDA_TILE_M": "64", "SPINALKERN_CUDA_CHAIN_TILE_M": "64"},
+             {"SPINALKERN_CUDA_TILE_M": "128"}, {"SPINALKERN_CUDA_SMEM_LIMIT": "110000"},
              {"SPINALKERN_CUDA_DW_CHUNK_ROWS": "17"}]
     dtypes = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
     ps = (0.0, 0.3)

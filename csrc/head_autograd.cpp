@@ -1,7 +1,8 @@
 // Autograd of spinalkern::cuda_head_forward, in C++ (registered for every device at the
 // Autograd dispatch key), so that a backward runs in the C++ autograd engine without Python:
 //
-//   forward:  the op below autograd (CPU or CUDA kernel), saving x, hidden, seed and weights.
+//   forward:  the op below autograd (CPU or CUDA kernel), saving x, hidden, seed and weights
+//             (save_hidden=false: x, seed, weights and biases; backward recomputes hidden).
 //   backward: spinalkern::cuda_head_backward, whose flat grad_params is handed out as views
 //             (dW_L, db_L) of that one buffer.
 //   backward with create_graph=True (a double backward, e.g. a gradient penalty): the same
@@ -135,26 +136,41 @@ struct HeadForward : public torch::autograd::Function<HeadForward> {
     ctx->saved_data["num_splits"] = num_splits;
     ctx->saved_data["dropout"] = dropout;
     ctx->saved_data["save_hidden"] = save_hidden;
-    if (save_hidden) {
-      variable_list keep{x, hidden, seed.has_value() ? *seed : at::Tensor()};
-      keep.insert(keep.end(), weights.begin(), weights.end());
-      ctx->save_for_backward(keep);
-    }
+    ctx->saved_data["num_weights"] = (int64_t)weights.size();
+    // save_hidden: keep x, hidden, seed, weights; otherwise keep the inputs only (x, seed,
+    // weights, biases) and recompute hidden in backward with one more forward
+    variable_list keep{x};
+    if (save_hidden) keep.push_back(hidden);
+    keep.push_back(seed.has_value() ? *seed : at::Tensor());
+    keep.insert(keep.end(), weights.begin(), weights.end());
+    if (!save_hidden) keep.insert(keep.end(), biases.begin(), biases.end());
+    ctx->save_for_backward(keep);
     return {y, hidden};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    TORCH_CHECK(ctx->saved_data["save_hidden"].toBool(),
-                "spinalkern: the forward ran with save_hidden=False, so it cannot be "
-                "differentiated; call it with save_hidden=True");
     const int64_t kind = ctx->saved_data["kind"].toInt();
     const int64_t num_splits = ctx->saved_data["num_splits"].toInt();
     const double dropout = ctx->saved_data["dropout"].toDouble();
+    const bool save_hidden = ctx->saved_data["save_hidden"].toBool();
+    const int64_t num_weights = ctx->saved_data["num_weights"].toInt();
     const variable_list saved = ctx->get_saved_variables();
+    const int first_weight = save_hidden ? 3 : 2;
     const at::Tensor& x = saved[0];
-    const at::Tensor& hidden = saved[1];
-    const at::Tensor& seed = saved[2];
-    const std::vector<at::Tensor> weights(saved.begin() + 3, saved.end());
+    const at::Tensor& seed = saved[first_weight - 1];
+    const std::vector<at::Tensor> weights(saved.begin() + first_weight,
+                                          saved.begin() + first_weight + num_weights);
+    at::Tensor hidden;
+    if (save_hidden) {
+      hidden = saved[1];
+    } else {  // recompute hidden from the inputs (no graph: hidden is not differentiated)
+      const std::vector<at::Tensor> biases(saved.begin() + first_weight + num_weights,
+                                           saved.end());
+      at::NoGradGuard no_grad;
+      at::AutoDispatchBelowADInplaceOrView below;
+      hidden = std::get<1>(forward_op().call(x, weights, biases, opt(seed), kind, num_splits,
+                                             dropout, true));
+    }
     const at::Tensor& grad_y = grads[0];
 
     // gradients in the order of forward's arguments: x, weights, biases (as many as weights,

@@ -12,13 +12,13 @@ cd "$(dirname "$0")/.."
 source .ci/env.sh
 set -euo pipefail
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
-export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-"8.0;9.0"}
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-"8.0;9.0+PTX"}
 
 step() { printf '\n==> %s\n' "$*"; }
 
-step "extension: python setup.py build_ext --inplace (sm_80 + sm_90)"
+step "extension: python setup.py build_ext --inplace (sm_80 + sm_90 + PTX)"
 SPINALKERN_FORCE_CUDA=1 python setup.py -q build_ext --inplace
-python scripts/check_cuda_build.py --arch 80 --arch 90 --markdown build/cuda_resources.md
+python scripts/check_cuda_build.py --arch 80 --arch 90 --ptx 90 --markdown build/cuda_resources.md
 
 step "extension: CMake build for libtorch users (sm_90)"
 cmake -S . -B build/cmake -DCMAKE_PREFIX_PATH="$(python -c 'import torch;print(torch.utils.cmake_prefix_path)')" \

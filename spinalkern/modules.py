@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import _backends
+from . import _backends, ops
 from .reference import reference_forward
 from .rng import new_seed
 from .spec import HeadSpec
@@ -118,7 +118,10 @@ def _run_op(op, spec: HeadSpec, x, weights, biases, dropout: float):
             if t.requires_grad:
                 needs_grad = True
                 break
-    return op(x, weights, biases, seed, spec.kind_code, spec.num_splits, dropout, needs_grad)[0]
+    # hidden is saved for backward, or (from ops.RECOMPUTE_HIDDEN_FROM_BATCH rows on)
+    # recomputed there from the inputs
+    save_hidden = needs_grad and not ops.recompute_hidden(x.shape[0])
+    return op(x, weights, biases, seed, spec.kind_code, spec.num_splits, dropout, save_hidden)[0]
 
 
 def fused_head(spec: HeadSpec, x, weights, biases, dropout: float, backend="auto"):

@@ -6,7 +6,8 @@ Each fused backend ``B`` (``"triton"``, ``"cuda"``) provides two ops with the sa
 -> (y, hidden)``
     ``weights``/``biases`` are ``[W_0..W_{n-1}, W_out]`` and their biases, all in x's dtype.
     ``hidden`` is ``[h_0; ...; h_{n-1}]`` (B, n*H), post-ReLU, in x's dtype, when
-    ``save_hidden``; otherwise an empty (0,) tensor.  ``seed``: (1,) int64 tensor on x's
+    ``save_hidden``; otherwise an empty (0,) tensor (and autograd recomputes hidden in
+    backward, see ``RECOMPUTE_HIDDEN_FROM_BATCH``).  ``seed``: (1,) int64 tensor on x's
     device, read only when ``dropout > 0``.
 ``spinalkern::B_head_backward(grad_y, x, weights, hidden, seed, kind, num_splits, dropout)
 -> (grad_x, grad_params)``
@@ -213,6 +214,17 @@ def differentiable_backward(grad_y, x, weights, hidden, seed, kind, num_splits, 
     return grads[0], list(grads[1:1 + n1]), list(grads[1 + n1:])
 
 
+# -- saving or recomputing hidden ------------------------------------------------------------------
+# From this batch size on, the fused heads keep only their inputs from forward to backward and
+# recompute hidden (B x n*H) in backward with one more forward launch, instead of saving it.
+# None (the default until GPU benchmarks show where it pays): always save hidden.
+RECOMPUTE_HIDDEN_FROM_BATCH: int | None = None
+
+
+def recompute_hidden(batch: int) -> bool:
+    return RECOMPUTE_HIDDEN_FROM_BATCH is not None and batch >= RECOMPUTE_HIDDEN_FROM_BATCH
+
+
 # -- registration ---------------------------------------------------------------------------------
 def define_backend_ops(backend: str, lib: torch.library.Library | None = None):
     """Define the two op schemas for ``backend`` from Python (the Triton backend does this;
@@ -237,20 +249,25 @@ def register_fakes(backend: str):
     return fwd
 
 
-def _make_autograd(backward_op):
+def _make_autograd(forward_op, backward_op):
     def setup_context(ctx, inputs, output):
         x, weights, biases, seed, kind, num_splits, dropout, save_hidden = inputs
         ctx.mark_non_differentiable(output[1])  # hidden is a by-product saved for backward
-        ctx.args = (kind, num_splits, dropout, save_hidden)
+        ctx.args = (kind, num_splits, dropout, save_hidden, len(weights))
         if save_hidden:
             ctx.save_for_backward(x, output[1], seed, *weights)
+        else:  # backward recomputes hidden with the forward op: keep the inputs only
+            ctx.save_for_backward(x, seed, *weights, *biases)
 
     def backward(ctx, grad_y, grad_hidden):
-        kind, num_splits, dropout, save_hidden = ctx.args
-        if not save_hidden:
-            raise RuntimeError("spinalkern: the forward ran with save_hidden=False, so it cannot "
-                               "be differentiated; call it with save_hidden=True")
-        x, hidden, seed, *weights = ctx.saved_tensors
+        kind, num_splits, dropout, save_hidden, n_weights = ctx.args
+        if save_hidden:
+            x, hidden, seed, *weights = ctx.saved_tensors
+        else:
+            x, seed, *params = ctx.saved_tensors
+            weights, biases = params[:n_weights], params[n_weights:]
+            with torch.no_grad():
+                hidden = forward_op(x, weights, biases, seed, kind, num_splits, dropout, True)[1]
         if torch.is_grad_enabled():  # create_graph=True: a backward that is differentiable
             grad_x, dws, dbs = differentiable_backward(grad_y, x, weights, hidden, seed, kind,
                                                        num_splits, dropout)
@@ -278,7 +295,7 @@ def register_python_autograd(backend: str):
     """Register the Python autograd of ``spinalkern::{backend}_head_forward`` (and make its
     backward op raise a clear error when differentiated)."""
     fwd, bwd = backend_ops(backend)
-    setup_context, backward = _make_autograd(bwd)
+    setup_context, backward = _make_autograd(fwd, bwd)
     torch.library.register_autograd(fwd, backward, setup_context=setup_context)
     torch.library.register_autograd(bwd, _backward_op_backward)
     return fwd

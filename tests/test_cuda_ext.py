@@ -1,29 +1,24 @@
-"""The CUDA C++ extension ``spinalkern._C`` (csrc/): its C++ CPU ops, its CUDA kernels run on
-the CPU emulator, its build products, and (when a GPU is present) its CUDA kernels.
+"""The CUDA C++ extension ``spinalkern._C`` (csrc/): its C++ CPU ops and (when a GPU is
+present) its CUDA kernels.
 
 * CPU (CI): the ops ``spinalkern::cuda_head_{forward,backward}`` on CPU tensors (the C++ CPU
   implementation) against the float64 reference, forward and all gradients, dropout masks
   bit-identical to ``spinalkern.rng``; opcheck, gradcheck, torch.compile, determinism,
   poisoned outputs, NaN propagation, bad input, pairwise sums, the C++ autograd (no Python
-  in backward, gradients as views of one buffer).
-* Emulator (CI): the CUDA kernels and their host launch code compiled as C++ against
-  csrc/emu/cuda_emu.h and run on CPU tensors (real barrier semantics, NaN-poisoned shared
-  memory, WMMA emulation), covering every tile config and fallback path (it compiles a small extension
-  on first use).
-* Build (CI): sm_80 + sm_90 SASS in the .so and zero spills (scripts/check_cuda_build.py).
+  in backward, gradients as views of one buffer).  (The emulator and build-product tests are in
+  tests/test_cuda_emu.py and tests/test_cuda_sass.py.)
 * GPU (skipped without CUDA): the same comparisons at real sizes, all dtypes, autocast, CUDA
   vs Triton, CUDA-graph capture/replay, redrawn dropout masks.
+
+The CUDA kernels on the CPU emulator (and every kernel configuration on the GPU):
+tests/test_cuda_emu.py; the build products and their SASS: tests/test_cuda_sass.py.
 
 Tests that need the built extension skip (with the build command) when it is not built.
 """
 from __future__ import annotations
 
 import contextlib
-import glob
 import math
-import os
-import subprocess
-import sys
 import zlib
 
 import numpy as np
@@ -37,7 +32,6 @@ from spinalkern.rng import keep_mask, new_seed
 from spinalkern.spec import HeadSpec
 from spinalkern.testing import poisoned_outputs
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAVE_EXT = cuda_backend.available()
 HAVE_GPU = HAVE_EXT and cuda_backend.has_cuda_kernels() and torch.cuda.is_available()
 
@@ -504,116 +498,6 @@ def test_import_and_hint_without_extension():
 
 
 # ---------------------------------------------------------------------------------------------
-# the CUDA kernels on the CPU emulator
-# ---------------------------------------------------------------------------------------------
-@pytest.fixture(scope="session")
-def emu():
-    """Compiles csrc/emu/emu_ops.cpp (the CUDA kernels + host code against the emulator)."""
-    from torch.utils import cpp_extension
-    build_dir = os.path.join(ROOT, "build", "emu")
-    os.makedirs(build_dir, exist_ok=True)
-    cpp_extension.load(
-        name="spinalkern_emu", sources=[os.path.join(ROOT, "csrc", "emu", "emu_ops.cpp")],
-        extra_cflags=["-O2", "-std=c++17", "-Wno-unknown-pragmas"], build_directory=build_dir,
-        is_python_module=False, verbose=False)
-    return torch.ops.spinalkern_emu
-
-
-# kind, B, D, H, n, C, S, dtype, dropout, env knobs
-EMU_CASES = [
-    ("spinal", 37, 74, 10, 3, 26, 2, torch.float32, 0.0, {}),
-    ("spinal", 70, 148, 64, 4, 62, 4, torch.float16, 0.5, {}),
-    ("spinal", 33, 111, 128, 2, 10, 1, torch.bfloat16, 0.3, {}),
-    ("spinal", 40, 256, 256, 2, 1000, 2, torch.float16, 0.2, {}),        # BN 256, C chunks
-    ("spinal", 65, 74, 8, 6, 10, 2, torch.float64, 0.3, {}),
-    ("progressive", 37, 37, 10, 2, 10, 1, torch.float64, 0.3, {}),
-    ("progressive", 70, 74, 64, 3, 26, 1, torch.float32, 0.25, {}),
-    ("progressive", 45, 37, 128, 2, 62, 1, torch.float16, 0.0, {}),
-    ("progressive", 30, 40, 200, 2, 100, 1, torch.bfloat16, 0.4, {}),    # H not a tile size
-    # 64-row tiles, several CTAs and a partial last tile
-    ("spinal", 150, 74, 64, 3, 26, 2, torch.bfloat16, 0.3, {"SPINALKERN_CUDA_TILE_M": "64"}),
-    ("progressive", 100, 37, 128, 2, 10, 1, torch.float32, 0.0, {"SPINALKERN_CUDA_TILE_M": "64"}),
-    # hidden / dh tiles in global memory (shared memory budget too small for them)
-    ("spinal", 70, 74, 64, 3, 26, 2, torch.float16, 0.3, {"SPINALKERN_CUDA_SMEM_LIMIT": "4096"}),
-    ("progressive", 37, 37, 10, 3, 10, 1, torch.float32, 0.2, {"SPINALKERN_CUDA_SMEM_LIMIT": "4096"}),
-    # weight gradients reduced over several batch chunks
-    ("spinal", 100, 74, 10, 2, 26, 2, torch.float32, 0.3, {"SPINALKERN_CUDA_DW_CHUNK_ROWS": "17"}),
-    ("progressive", 90, 37, 64, 2, 10, 1, torch.bfloat16, 0.0, {"SPINALKERN_CUDA_DW_CHUNK_ROWS": "32"}),
-    ("spinal", 1, 37, 10, 1, 10, 1, torch.float16, 0.0, {}),
-]
-
-
-def emu_id(c):
-    knobs = ",".join(f"{k.split('_')[-1]}={v}" for k, v in c[9].items())
-    return "{}-B{}-D{}-H{}-n{}-C{}-S{}-{}-p{}".format(*c[:7], str(c[7])[6:], c[8]) + (
-        f"-{knobs}" if knobs else "")
-
-
-@pytest.mark.parametrize("case", EMU_CASES, ids=emu_id)
-def test_emulated_kernels_match_reference(emu, case, monkeypatch):
-    kind, B, D, H, n, C, S, dtype, p, env = case
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-    gen = torch.Generator().manual_seed(B * 1000 + H)
-    check_op(emu.head_forward, emu.head_backward, make_spec(kind, D, H, n, C, S), B, dtype, p,
-             gen=gen)
-
-
-def test_emulated_keep_mask_and_nan(emu):
-    for seed in (0, 2**32 + 7, 0x2F00_1234_5678_9ABC):
-        got = emu.keep_mask(seed_tensor("cpu", seed), 2, 33, 70, 0.35)
-        assert torch.equal(got, keep_mask(seed, 2, 33, 70, 0.35))
-    spec = make_spec("spinal", 40, 64, 2, 10, 2)
-    x, ws, bs = make_inputs(spec, 37, torch.float16)
-    x[4, 7] = float("nan")
-    y, h = emu.head_forward(x, ws, bs, None, 0, 2, 0.0, True)
-    y_ref, h_ref = reference_forward(spec, f64(x), [f64(w) for w in ws], [f64(b) for b in bs],
-                                     0.0, return_hidden=True)
-    assert torch.equal(y.isnan(), y_ref.isnan()) and torch.equal(h.isnan(), h_ref.isnan())
-    y, h = emu.head_forward(x[:0], ws, bs, None, 0, 2, 0.0, True)
-    assert y.shape == (0, 10) and h.shape == (0, 128)
-
-
-def test_emulated_gradients_bitwise_reproducible(emu):
-    spec = make_spec("spinal", 74, 64, 3, 26, 2)
-    x, ws, bs = make_inputs(spec, 70, torch.bfloat16)
-    seed = seed_tensor("cpu")
-    y, h = emu.head_forward(x, ws, bs, seed, 0, 2, 0.3, True)
-    gy = torch.randn_like(y)
-    a = emu.head_backward(gy, x, ws, h, seed, 0, 2, 0.3)
-    b = emu.head_backward(gy, x, ws, h, seed, 0, 2, 0.3)
-    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-
-
-# ---------------------------------------------------------------------------------------------
-# build products
-# ---------------------------------------------------------------------------------------------
-def _built_so():
-    libs = glob.glob(os.path.join(ROOT, "spinalkern", "_C*.so"))
-    return libs[0] if libs else None
-
-
-@needs_ext
-def test_built_library_has_sm80_sm90_code_and_zero_spills():
-    if not cuda_backend.has_cuda_kernels():
-        pytest.skip("CPU-only build of spinalkern._C (no nvcc or SPINALKERN_SKIP_CUDA)")
-    lib = _built_so()
-    if lib is None:
-        pytest.skip("spinalkern._C is loaded from outside the source tree")
-    # setup.py builds sm_80 + sm_90 unless TORCH_CUDA_ARCH_LIST says otherwise
-    archs = ["80", "90"]
-    if os.environ.get("TORCH_CUDA_ARCH_LIST"):
-        archs = [a.split("+")[0].replace(".", "") for a in
-                 os.environ["TORCH_CUDA_ARCH_LIST"].replace(" ", ";").split(";") if a]
-    cmd = [sys.executable, os.path.join(ROOT, "scripts", "check_cuda_build.py"), lib]
-    for a in archs:
-        cmd += ["--arch", a]
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert "zero spills" in r.stdout
-
-
-# ---------------------------------------------------------------------------------------------
 # GPU
 # ---------------------------------------------------------------------------------------------
 GPU_SHAPES = [
@@ -639,18 +523,6 @@ def test_gpu_matches_reference(shape, B, dtype):
         B = 16384  # keep the float64 reference within memory and time
     gen = torch.Generator().manual_seed(B + H)
     check_op(cuda_fwd, cuda_bwd, make_spec(kind, D, H, n, C, S), B, dtype, 0.3, "cuda", gen=gen)
-
-
-@needs_gpu
-@pytest.mark.parametrize("env", [{"SPINALKERN_CUDA_TILE_M": "64"},
-                                 {"SPINALKERN_CUDA_SMEM_LIMIT": "4096"},
-                                 {"SPINALKERN_CUDA_DW_CHUNK_ROWS": "33"}], ids=str)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_gpu_config_paths(env, dtype, monkeypatch):
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-    check_op(cuda_fwd, cuda_bwd, make_spec("progressive", 256, 128, 3, 26, 1), 3000, dtype, 0.2,
-             "cuda")
 
 
 @needs_gpu

@@ -436,14 +436,24 @@ def test_double_backward_matches_reference(backend, kind):
 
 
 @pytest.mark.parametrize("backend", FUSED)
-def test_forward_without_saved_hidden_cannot_be_differentiated(backend):
+def test_forward_without_saved_hidden_recomputes_it_in_backward(backend):
+    """save_hidden=False keeps only the inputs for backward, which recomputes hidden: the same
+    gradients as with hidden saved, dropout masks included."""
     spec = _small_head("spinal")
     device = backend_device(backend)
     x, ws, bs = make_inputs(spec, 4, torch.float32, device)
-    y, h = op(backend)(x.requires_grad_(), ws, bs, None, 0, 2, 0.0, False)
-    assert h.shape == (0,)
-    with pytest.raises(RuntimeError, match="save_hidden=False"):
-        y.sum().backward()
+    seed = spinalkern.rng.new_seed(device)
+    grads = []
+    for save_hidden in (True, False):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, *ws, *bs)]
+        n1 = len(ws)
+        y, h = op(backend)(leaves[0], leaves[1:1 + n1], leaves[1 + n1:], seed, 0, 2, 0.3,
+                           save_hidden)
+        assert h.shape == ((4, spec.n * spec.H) if save_hidden else (0,))
+        (y * torch.arange(y.numel(), device=device).view_as(y)).sum().backward()
+        grads.append([t.grad for t in leaves])
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("backend", FUSED)

@@ -1,11 +1,12 @@
-// The CUDA ops compiled for the CPU emulator (SK_EMU): the same host logic
-// (head_device_ops.h) and kernels (head_kernels.cuh) as spinal_head_{forward,backward}.cu,
-// registered as spinalkern_emu::{head_forward, head_backward, keep_mask} on CPU tensors.
-// Built on demand by tests/test_cuda_ext.py (torch.utils.cpp_extension.load); never shipped.
+// The CUDA ops compiled for the CPU emulator (SK_EMU): the same host logic (head_launch.h) and
+// kernels (head_*kernel*.cuh) as spinal_head_{forward,backward}.cu, registered as
+// spinalkern_emu::{head_forward, head_backward, keep_mask, launch_plan} on CPU tensors, plus
+// set_fault (fault injection, see cuda_emu.h).  Built on demand by the tests
+// (torch.utils.cpp_extension.load); never shipped.
 #include <torch/library.h>
 
 #define SK_EMU 1
-#include "../head_device_ops.h"
+#include "../head_launch.h"
 
 namespace {
 
@@ -33,6 +34,14 @@ at::Tensor emu_keep_mask(const at::Tensor& seed, int64_t stream, int64_t rows, i
   return spinalkern::dev::keep_mask<>("spinalkern_emu::keep_mask", seed, stream, rows, cols, p);
 }
 
+std::string emu_launch_plan(int64_t kind, int64_t B, int64_t D, int64_t H, int64_t n, int64_t C,
+                            int64_t S, at::ScalarType dtype, double dropout, int64_t sms,
+                            int64_t max_smem) {
+  return spinalkern::dev::launch_plan<>(kind, B, D, H, n, C, S, dtype, dropout, sms, max_smem);
+}
+
+void emu_set_fault(const std::string& name) { sk_emu::set_fault(name); }
+
 }  // namespace
 
 TORCH_LIBRARY(spinalkern_emu, m) {
@@ -41,6 +50,8 @@ TORCH_LIBRARY(spinalkern_emu, m) {
   m.def("head_backward(Tensor grad_y, Tensor x, Tensor[] weights, Tensor hidden, Tensor? seed, "
         "int kind, int num_splits, float dropout) -> (Tensor, Tensor)");
   m.def("keep_mask(Tensor seed, int stream, int rows, int cols, float p) -> Tensor");
+  m.def("launch_plan" SK_LAUNCH_PLAN_SCHEMA, &emu_launch_plan);
+  m.def("set_fault(str name) -> ()", &emu_set_fault);
 }
 
 TORCH_LIBRARY_IMPL(spinalkern_emu, CPU, m) {
