@@ -377,10 +377,7 @@ at::Tensor keep_mask(const char* op, const at::Tensor& seed, int64_t stream, int
 }
 
 // ---- launch plan (report / testing aid) ----------------------------------------------------
-// Schema of the launch-plan op (spinalkern::cuda_launch_plan, and the emulator's launch_plan).
-#define SK_LAUNCH_PLAN_SCHEMA                                                                \
-  "(int kind, int B, int D, int H, int n, int C, int S, ScalarType dtype, float dropout, "    \
-  "int sms=132, int max_smem=232448) -> str"
+// (Its schema, SK_LAUNCH_PLAN_SCHEMA, is in op_schemas.h.)
 
 // The plans of forward, chain and wgrad for a head of these sizes on a device with `sms` SMs
 // and `max_smem` bytes of shared memory per block, as JSON (a 16-byte aligned x assumed).

@@ -1,6 +1,6 @@
 // spinalkern CUDA extension: op schemas and the C++ CPU implementation.
 //
-// The ops (schemas identical to spinalkern/ops.py FORWARD_SCHEMA / BACKWARD_SCHEMA):
+// The ops (schemas: op_schemas.h; the same as spinalkern/ops.py):
 //   spinalkern::cuda_head_forward(x, weights, biases, seed, kind, num_splits, dropout,
 //                                 save_hidden) -> (y, hidden)
 //   spinalkern::cuda_head_backward(grad_y, x, weights, hidden, seed, kind, num_splits,
@@ -22,6 +22,7 @@
 
 #include "head_layout.h"
 #include "op_checks.h"
+#include "op_schemas.h"
 
 namespace spinalkern {
 namespace {
@@ -352,11 +353,11 @@ at::Tensor keep_mask_cpu(const at::Tensor& seed, int64_t stream, int64_t rows, i
 
 TORCH_LIBRARY_FRAGMENT(spinalkern, m) {
   // A FRAGMENT: the Triton backend defines its ops in the same namespace from Python.
-  m.def("cuda_head_forward(Tensor x, Tensor[] weights, Tensor[] biases, Tensor? seed, int kind, "
-        "int num_splits, float dropout, bool save_hidden) -> (Tensor, Tensor)");
-  m.def("cuda_head_backward(Tensor grad_y, Tensor x, Tensor[] weights, Tensor hidden, "
-        "Tensor? seed, int kind, int num_splits, float dropout) -> (Tensor, Tensor)");
-  m.def("cuda_keep_mask(Tensor seed, int stream, int rows, int cols, float p) -> Tensor");
+  m.def("cuda_head_forward" SK_HEAD_FORWARD_SCHEMA);
+  m.def("cuda_head_backward" SK_HEAD_BACKWARD_SCHEMA);
+  m.def("cuda_head_bn_forward" SK_HEAD_BN_FORWARD_SCHEMA);
+  m.def("cuda_head_bn_backward" SK_HEAD_BN_BACKWARD_SCHEMA);
+  m.def("cuda_keep_mask" SK_KEEP_MASK_SCHEMA);
 }
 
 TORCH_LIBRARY_IMPL(spinalkern, CPU, m) {

@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include "head_launch.h"
+#include "op_schemas.h"
 
 namespace spinalkern {
 namespace {

@@ -38,6 +38,14 @@ FORWARD_SCHEMA = ("(Tensor x, Tensor[] weights, Tensor[] biases, Tensor? seed, i
                   "int num_splits, float dropout, bool save_hidden) -> (Tensor, Tensor)")
 BACKWARD_SCHEMA = ("(Tensor grad_y, Tensor x, Tensor[] weights, Tensor hidden, Tensor? seed, "
                    "int kind, int num_splits, float dropout) -> (Tensor, Tensor)")
+# The spinal head with training-mode BatchNorm1d after every hidden Linear (see
+# define_bn_ops; the C++ copies of all schemas are in csrc/op_schemas.h)
+BN_FORWARD_SCHEMA = ("(Tensor x, Tensor[] weights, Tensor[] biases, Tensor[] bn_weights, "
+                     "Tensor[] bn_biases, Tensor? seed, int num_splits, float dropout, "
+                     "float eps, bool save_for_backward) -> (Tensor, Tensor, Tensor, Tensor)")
+BN_BACKWARD_SCHEMA = ("(Tensor grad_y, Tensor x, Tensor[] weights, Tensor[] bn_weights, "
+                      "Tensor hidden, Tensor z, Tensor stats, Tensor? seed, int num_splits, "
+                      "float dropout) -> (Tensor, Tensor, Tensor)")
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -231,6 +239,26 @@ def define_backend_ops(backend: str, lib: torch.library.Library | None = None):
     the CUDA extension defines the same schemas in C++)."""
     torch.library.define(f"spinalkern::{backend}_head_forward", FORWARD_SCHEMA, lib=lib)
     torch.library.define(f"spinalkern::{backend}_head_backward", BACKWARD_SCHEMA, lib=lib)
+
+
+def define_bn_ops(backend: str, lib: torch.library.Library | None = None):
+    """Define ``spinalkern::{backend}_head_bn_forward`` / ``_bn_backward`` from Python: the
+    spinal head with training-mode BatchNorm1d after every hidden Linear.
+
+    ``bn_forward(x, weights, biases, bn_weights, bn_biases, seed, num_splits, dropout, eps,
+    save_for_backward) -> (y, hidden, z, stats)``: layer i < n computes
+    ``z_i = W_i drop(u_i) + b_i``, normalises it with the batch mean and biased variance
+    (``r_i = 1 / sqrt(var_i + eps)``), then ``h_i = ReLU(gamma_i (z_i - mu_i) r_i + beta_i)``;
+    ``y = W_out drop([h_0..h_{n-1}]) + b_out``.  ``bn_weights`` / ``bn_biases``: n (H,) tensors
+    (gamma, beta) or two empty lists (affine=False), float32 (float64 for float64 x).
+    ``hidden`` and ``z``: (B, n*H) in x's dtype, (0,) when not ``save_for_backward``;
+    ``stats``: (n, 3, H) in the accumulation dtype, [mu_i, r_i, unbiased var_i].  B >= 2.
+    The op does not touch running statistics: the module updates them from ``stats``.
+    ``bn_backward(grad_y, x, weights, bn_weights, hidden, z, stats, seed, num_splits,
+    dropout) -> (grad_x, grad_params, grad_bn)``: ``grad_params`` as the plain backward op,
+    ``grad_bn`` (n, 2, H) in the accumulation dtype, [dgamma_i, dbeta_i]."""
+    torch.library.define(f"spinalkern::{backend}_head_bn_forward", BN_FORWARD_SCHEMA, lib=lib)
+    torch.library.define(f"spinalkern::{backend}_head_bn_backward", BN_BACKWARD_SCHEMA, lib=lib)
 
 
 def backend_ops(backend: str):

@@ -7,6 +7,7 @@
 
 #define SK_EMU 1
 #include "../head_launch.h"
+#include "../op_schemas.h"
 
 namespace {
 
@@ -45,11 +46,9 @@ void emu_set_fault(const std::string& name) { sk_emu::set_fault(name); }
 }  // namespace
 
 TORCH_LIBRARY(spinalkern_emu, m) {
-  m.def("head_forward(Tensor x, Tensor[] weights, Tensor[] biases, Tensor? seed, int kind, "
-        "int num_splits, float dropout, bool save_hidden) -> (Tensor, Tensor)");
-  m.def("head_backward(Tensor grad_y, Tensor x, Tensor[] weights, Tensor hidden, Tensor? seed, "
-        "int kind, int num_splits, float dropout) -> (Tensor, Tensor)");
-  m.def("keep_mask(Tensor seed, int stream, int rows, int cols, float p) -> Tensor");
+  m.def("head_forward" SK_HEAD_FORWARD_SCHEMA);
+  m.def("head_backward" SK_HEAD_BACKWARD_SCHEMA);
+  m.def("keep_mask" SK_KEEP_MASK_SCHEMA);
   m.def("launch_plan" SK_LAUNCH_PLAN_SCHEMA, &emu_launch_plan);
   m.def("set_fault(str name) -> ()", &emu_set_fault);
 }
