@@ -139,7 +139,9 @@ struct HeadForward : public torch::autograd::Function<HeadForward> {
     ctx->saved_data["num_weights"] = (int64_t)weights.size();
     // save_hidden: keep x, hidden, seed, weights; otherwise keep the inputs only (x, seed,
     // weights, biases) and recompute hidden in backward with one more forward
-    variable_list keep{x};
+    variable_list keep;
+    keep.reserve(3 + 2 * weights.size());
+    keep.push_back(x);
     if (save_hidden) keep.push_back(hidden);
     keep.push_back(seed.has_value() ? *seed : at::Tensor());
     keep.insert(keep.end(), weights.begin(), weights.end());
