@@ -9,13 +9,17 @@ mkdir -p "$(dirname "$_venv")"
 exec 9>"$_venv.lock"
 flock 9  # one creator at a time; others wait and then reuse it
 if [ ! -f "$_venv/.complete" ]; then
-  echo "[env] creating $_venv"
+  echo "[env] creating the pinned environment in $_venv"
+  echo "[env] (once per requirements-dev.txt: about 4.8 GB, ~2.6 GB of it downloaded; a few"
+  echo "[env]  minutes; SPINALKERN_VENV_ROOT chooses another folder)"
   rm -rf "$_venv"
   python3 -m venv "$_venv"
   "$_venv/bin/python" -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored: it is neither" || true
+  echo "[env] installing torch 2.11.0 (CUDA build), triton, torchvision and the tools ..."
   "$_venv/bin/python" -m pip install -q -r "$_root/requirements-dev.txt" 2>&1 | grep -v "is ignored: it is neither" || true
   "$_venv/bin/python" -c "import torch, triton, torchvision" || { echo "[env] install failed"; exit 1; }
   touch "$_venv/.complete"
+  echo "[env] done"
 fi
 flock -u 9
 # shellcheck disable=SC1091
