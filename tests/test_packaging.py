@@ -28,11 +28,13 @@ DISTRIBUTIONS = {"torch": "torch", "triton": "triton", "torchvision": "torchvisi
 
 
 def _third_party_imports(folder: str) -> set[str]:
-    local = {os.path.splitext(os.path.basename(p))[0]
-             for p in glob.glob(os.path.join(ROOT, folder, "*.py"))}
+    """Top-level names imported by the Python files in ``folder`` and its subfolders that are
+    neither the standard library nor the repository's own modules."""
+    files = glob.glob(os.path.join(ROOT, folder, "**", "*.py"), recursive=True)
+    local = {os.path.splitext(os.path.basename(p))[0] for p in files}
     local |= {"spinalkern", "models", "bench", "conftest"}
     found = set()
-    for path in glob.glob(os.path.join(ROOT, folder, "*.py")):
+    for path in files:
         with open(path) as f:
             tree = ast.parse(f.read(), path)
         for node in ast.walk(tree):
