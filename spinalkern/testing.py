@@ -50,7 +50,11 @@ ERROR_FLOOR = {torch.float64: 1e-12, torch.float32: 2e-5, torch.float16: 2e-3,
                torch.bfloat16: 1.6e-2}
 # Gradients come out of a chain of up to n layers whose ReLU masks flip where rounding moves a
 # pre-activation across zero, so their floors are wider (torch's own errors are of this size).
-GRAD_ERROR_FLOOR = {torch.float64: 1e-12, torch.float32: 5e-5, torch.float16: 8e-3,
+# Which units flip differs between two correct implementations, and so does the size of the
+# error: in fp16, torch's own gradient error on a progressive head (B=1000, D=45, H=64, n=4,
+# C=62) ranged from 4e-3 to 2.9e-2 over 30 fresh draws, so a draw where torch is lucky cannot
+# set a bound below that range.
+GRAD_ERROR_FLOOR = {torch.float64: 1e-12, torch.float32: 5e-5, torch.float16: 3e-2,
                     torch.bfloat16: 5e-2}
 
 
