@@ -189,6 +189,70 @@ def checked_backward_args(grad_y, x, weights, hidden, seed, kind, num_splits,
                      (grad_y, x, weights, hidden, seed, kind, num_splits, dropout))
 
 
+# -- the BatchNorm ops' checks ---------------------------------------------------------------------
+def bn_accumulation_dtype(x) -> torch.dtype:
+    """The dtype of the BN ops' statistics, gamma/beta and their gradients: float64 for
+    float64 x, else float32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _check_bn_params(x, spec: HeadSpec, bn_weights, bn_biases=None):
+    acc = bn_accumulation_dtype(x)
+    lists = (("bn_weights", bn_weights),) if bn_biases is None else \
+        (("bn_weights", bn_weights), ("bn_biases", bn_biases))
+    for name, ts in lists:
+        if len(ts) not in (0, spec.n):
+            raise ValueError(f"{name} must hold {spec.n} tensors (one per hidden layer) or none "
+                             f"(affine=False), got {len(ts)}")
+        for i, t in enumerate(ts):
+            if tuple(t.shape) != (spec.H,):
+                raise ValueError(f"{name}[{i}] has shape {tuple(t.shape)}, expected ({spec.H},)")
+            if t.dtype != acc:
+                raise TypeError(f"{name}[{i}] has dtype {t.dtype}, expected {acc} (BatchNorm "
+                                f"parameters stay in {acc} for {x.dtype} x)")
+            _check_like_x(f"{name}[{i}]", t, x, dtype=False)
+    if bn_biases is not None and len(bn_weights) != len(bn_biases):
+        raise ValueError(f"got {len(bn_weights)} bn_weights but {len(bn_biases)} bn_biases "
+                         "(both n, or both empty for affine=False)")
+
+
+def _check_bn_batch(x):
+    if x.shape[0] < 2:
+        raise ValueError("training-mode BatchNorm needs more than 1 row per batch (the batch "
+                         f"variance of one row is undefined), got x of shape {tuple(x.shape)}")
+
+
+def check_bn_forward_args(x, weights, biases, bn_weights, bn_biases, seed, num_splits,
+                          dropout, eps) -> HeadSpec:
+    """Every check of the BN forward op (the spinal head); returns the call's HeadSpec."""
+    spec = check_forward_args(x, weights, biases, seed, 0, num_splits, dropout)
+    _check_bn_batch(x)
+    _check_bn_params(x, spec, bn_weights, bn_biases)
+    if not eps > 0.0:
+        raise ValueError(f"eps must be positive, got {eps}")
+    return spec
+
+
+def check_bn_backward_args(grad_y, x, weights, bn_weights, hidden, z, stats, seed, num_splits,
+                           dropout) -> HeadSpec:
+    """Every check of the BN backward op; returns the call's HeadSpec."""
+    spec = check_backward_args(grad_y, x, weights, hidden, seed, 0, num_splits, dropout)
+    _check_bn_batch(x)
+    _check_bn_params(x, spec, bn_weights)
+    if tuple(z.shape) != tuple(hidden.shape):
+        raise ValueError(f"z has shape {tuple(z.shape)}, expected {tuple(hidden.shape)} "
+                         "(the forward must run with save_for_backward=True)")
+    _check_like_x("z", z, x)
+    acc = bn_accumulation_dtype(x)
+    if tuple(stats.shape) != (spec.n, 3, spec.H):
+        raise ValueError(f"stats has shape {tuple(stats.shape)}, expected "
+                         f"({spec.n}, 3, {spec.H})")
+    if stats.dtype != acc:
+        raise TypeError(f"stats has dtype {stats.dtype}, expected {acc}")
+    _check_like_x("stats", stats, x, dtype=False)
+    return spec
+
+
 # -- fake (meta) implementations -----------------------------------------------------------------
 def _fake_forward(x, weights, biases, seed, kind, num_splits, dropout, save_hidden):
     spec = check_forward_args(x, weights, biases, seed, kind, num_splits, dropout)
@@ -200,6 +264,25 @@ def _fake_forward(x, weights, biases, seed, kind, num_splits, dropout, save_hidd
 def _fake_backward(grad_y, x, weights, hidden, seed, kind, num_splits, dropout):
     spec = check_backward_args(grad_y, x, weights, hidden, seed, kind, num_splits, dropout)
     return x.new_empty(x.shape), weights[0].new_empty((spec.num_params(),))
+
+
+def _fake_bn_forward(x, weights, biases, bn_weights, bn_biases, seed, num_splits, dropout, eps,
+                     save_for_backward):
+    spec = check_bn_forward_args(x, weights, biases, bn_weights, bn_biases, seed, num_splits,
+                                 dropout, eps)
+    B = x.shape[0]
+    y = x.new_empty((B, spec.C))
+    saved = (B, spec.n * spec.H) if save_for_backward else (0,)
+    stats = x.new_empty((spec.n, 3, spec.H), dtype=bn_accumulation_dtype(x))
+    return y, x.new_empty(saved), x.new_empty(saved), stats
+
+
+def _fake_bn_backward(grad_y, x, weights, bn_weights, hidden, z, stats, seed, num_splits,
+                      dropout):
+    spec = check_bn_backward_args(grad_y, x, weights, bn_weights, hidden, z, stats, seed,
+                                  num_splits, dropout)
+    return (x.new_empty(x.shape), weights[0].new_empty((spec.num_params(),)),
+            stats.new_empty((spec.n, 2, spec.H)))
 
 
 # -- double backward -----------------------------------------------------------------------------
@@ -274,6 +357,22 @@ def register_fakes(backend: str):
     fwd, bwd = backend_ops(backend)
     torch.library.register_fake(fwd, _fake_forward)
     torch.library.register_fake(bwd, _fake_backward)
+    return fwd
+
+
+def bn_backend_ops(backend: str):
+    """(bn forward, bn backward) OpOverloads of ``spinalkern::{backend}_head_bn_*``."""
+    ns = torch.ops.spinalkern
+    return (getattr(ns, f"{backend}_head_bn_forward").default,
+            getattr(ns, f"{backend}_head_bn_backward").default)
+
+
+def register_bn_fakes(backend: str):
+    """Register the fake (meta) implementations of ``spinalkern::{backend}_head_bn_*``;
+    returns the BN forward op."""
+    fwd, bwd = bn_backend_ops(backend)
+    torch.library.register_fake(fwd, _fake_bn_forward)
+    torch.library.register_fake(bwd, _fake_bn_backward)
     return fwd
 
 
