@@ -14,16 +14,17 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import threading
 import time
 import warnings
+
+from models.training import provenance
 
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(BENCH_DIR)
 RESULTS_DIR = os.path.join(REPO_ROOT, "results", "bench")
 # Written by `python -m bench.commit` before the checkout is copied to a machine without .git
-COMMIT_FILE = os.path.join(BENCH_DIR, "COMMIT")
+COMMIT_FILE = os.path.join(REPO_ROOT, provenance.DEFAULT_COMMIT_FILE)
 
 
 # --------------------------------------------------------------------------------------------
@@ -51,50 +52,18 @@ def optional_import(name: str, what: str):
 # --------------------------------------------------------------------------------------------
 # Environment facts
 # --------------------------------------------------------------------------------------------
-def git_state(root: str = REPO_ROOT) -> tuple[str, bool] | None:
-    """(HEAD commit, tracked files changed) from git, or None when git or .git is missing."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
-                              text=True, timeout=10)
-        if head.returncode != 0:
-            return None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=root, capture_output=True, text=True, timeout=10)
-        return head.stdout.strip(), bool(dirty.stdout.strip())
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def read_commit_file(path: str | None = None) -> tuple[str, bool] | None:
-    """(commit, dirty) recorded by `python -m bench.commit` (in ``path``, default
-    bench/COMMIT), or None when there is no such file."""
-    try:
-        with open(path or COMMIT_FILE) as f:
-            fields = dict(line.strip().split("=", 1) for line in f if "=" in line)
-        return fields["commit"], fields.get("dirty", "unknown") != "no"
-    except (OSError, KeyError, ValueError):
-        return None
-
-
 def commit_info() -> dict:
-    """The commit the results come from: {"commit", "dirty", "source"}.
-
-    From git when the checkout has its .git; otherwise from bench/COMMIT, written by
-    `python -m bench.commit` before the checkout was copied (e.g. to the GPU machine, where
-    .git does not travel); otherwise commit "unknown".
-    """
-    state, source = git_state(), "git"
-    if state is None:
-        state, source = read_commit_file(), "bench/COMMIT"
-    if state is None:
-        return {"commit": "unknown", "dirty": None, "source": None}
-    return {"commit": state[0], "dirty": state[1], "source": source}
+    """The commit the results come from: {"commit", "dirty", "source"}, from the repository's
+    one git-info helper (``models.training.provenance``: git in a checkout, else the commit file
+    written by ``python -m bench.commit`` before the checkout was copied to a machine without
+    .git); commit "unknown" when neither answers."""
+    info = provenance.git_info(REPO_ROOT)
+    return {**info, "commit": info["commit"] or "unknown"}
 
 
 def git_commit() -> str:
     """HEAD's commit id, with "-dirty" when tracked files differ from it (see commit_info)."""
-    info = commit_info()
-    return info["commit"] + ("-dirty" if info["dirty"] else "")
+    return provenance.commit_label(provenance.git_info(REPO_ROOT))
 
 
 def utc_now() -> str:

@@ -5,7 +5,7 @@
 
 The file holds ``commit=<git rev-parse HEAD>``, ``dirty=yes|no`` (tracked files changed
 since that commit) and ``date=``.  It is untracked and not ignored, so it travels with the
-working tree; results files read it (``bench.benchlib.commit_info``) only when git cannot
+working tree; results files read it (``models.training.provenance.git_info``) only when git cannot
 answer, and record where the commit came from (``git_commit_source``).
 """
 from __future__ import annotations
@@ -14,15 +14,17 @@ import argparse
 import os
 import sys
 
+from models.training import provenance
+
 from . import benchlib
 
 
 def write(path: str | None = None) -> str:
-    state = benchlib.git_state()
-    if state is None:
+    info = provenance.git_info(benchlib.REPO_ROOT)
+    if info["source"] != "git":
         sys.exit("bench.commit: git cannot read this checkout's commit (no .git here?); "
                  "run it in the original checkout before copying the tree")
-    commit, dirty = state
+    commit, dirty = info["commit"], info["dirty"]
     path = path or benchlib.COMMIT_FILE
     tmp = path + ".tmp"
     with open(tmp, "w") as f:

@@ -140,27 +140,29 @@ def test_optional_import_warns_once():
 
 
 def test_commit_read_from_file_when_git_cannot_answer(tmp_path, monkeypatch):
+    from models.training import provenance
     path = tmp_path / "COMMIT"
     path.write_text("commit=0123456789abcdef\ndirty=yes\ndate=2026-01-01T00:00:00+00:00\n")
-    assert benchlib.read_commit_file(str(path)) == ("0123456789abcdef", True)
-    assert benchlib.read_commit_file(str(tmp_path / "missing")) is None
-    monkeypatch.setattr(benchlib, "COMMIT_FILE", str(path))
-    monkeypatch.setattr(benchlib, "git_state", lambda root=None: None)   # no .git here
+    monkeypatch.setattr(benchlib, "REPO_ROOT", str(tmp_path))          # no .git here
+    monkeypatch.setenv(provenance.COMMIT_FILE_ENV, str(path))
     assert benchlib.commit_info() == {"commit": "0123456789abcdef", "dirty": True,
-                                      "source": "bench/COMMIT"}
+                                      "source": str(path)}
     assert benchlib.git_commit() == "0123456789abcdef-dirty"
-    monkeypatch.setattr(benchlib, "COMMIT_FILE", str(tmp_path / "missing"))
+    monkeypatch.setenv(provenance.COMMIT_FILE_ENV, str(tmp_path / "missing"))
     assert benchlib.git_commit() == "unknown"
+    assert benchlib.commit_info()["commit"] == "unknown"
 
 
 def test_commit_file_written_from_git(tmp_path, monkeypatch):
     from bench import commit
-    state = benchlib.git_state()
-    if state is None:
+    from models.training import provenance
+    info = provenance.git_info()
+    if info["source"] != "git":
         pytest.skip("this checkout has no .git (the file is written where git works)")
     path = str(tmp_path / "COMMIT")
     commit.write(path)
-    assert benchlib.read_commit_file(path) == state
+    read = provenance.read_commit_file(path)
+    assert (read["commit"], read["dirty"]) == (info["commit"], info["dirty"])
 
 
 # --------------------------------------------------------------------------------------------
