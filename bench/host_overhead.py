@@ -75,15 +75,15 @@ def make_call(spec: HeadSpec, backend: str, pass_: str, device):
 
 def fused_backends(device) -> tuple[list[str], list[dict]]:
     import spinalkern
+    from spinalkern import _backends
     here = spinalkern.available_backends(device)
     fused, skipped = [], []
-    for b in ("triton", "cuda"):
+    for b in _backends.fused_names():
         if b == "triton" and device.type == "cpu":
             skipped.append({"backend": b, "reason": "on CPU Triton runs only in its "
                             "interpreter, whose cost says nothing about host overhead"})
         elif b not in here:
-            skipped.append({"backend": b, "reason": "triton not available here" if b == "triton"
-                            else "extension not built (python setup.py build_ext --inplace)"})
+            skipped.append({"backend": b, "reason": _backends.get(b).build_hint()})
         else:
             fused.append(b)
     return fused, skipped

@@ -58,19 +58,15 @@ def measure_peaks(device, dtypes: list[str], small: bool) -> dict:
 def backends_here(device) -> dict:
     """{backend: "available" or why not} for the fused backends on ``device``."""
     import spinalkern
-    from spinalkern import cuda_backend
+    from spinalkern import _backends
     dev = torch.device(device)
     have = spinalkern.available_backends(dev)
     out = {}
-    for name in ("triton", "cuda"):
+    for name in _backends.fused_names():
         if name in have:
             out[name] = "available"
-        elif name == "cuda":
-            out[name] = ("built without CUDA kernels" if cuda_backend.available()
-                         else "extension not built")
         else:
-            out[name] = ("runs on CPU only in Triton's interpreter (TRITON_INTERPRET=1)"
-                         if dev.type == "cpu" else "not available")
+            out[name] = _backends.get(name).build_hint()
     return out
 
 

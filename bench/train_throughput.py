@@ -28,11 +28,13 @@ import sys
 import tempfile
 import time
 
+from spinalkern import _backends
+
 from . import benchlib as common
 
 SPINAL_MODELS = ["spinal-vgg5", "progressive-vgg5", "spinal-resnet18", "progressive-resnet18"]
 FC_MODELS = ["vgg5", "resnet18-fc512"]  # the papers' plain heads, for reference
-BACKENDS = ["torch", "triton", "cuda"]
+BACKENDS = ["torch", *_backends.fused_names()]
 
 
 def run_spec(model, backend="torch", amp="off", graph="off", compile_=False, paper=False,

@@ -91,7 +91,7 @@ def main(argv=None) -> dict:
                    "split (default: all)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="default: cuda when available, else cpu")
-    p.add_argument("--backend", default="auto", choices=("auto", "torch", "triton", "cuda"),
+    p.add_argument("--backend", default="auto", choices=spinalkern.backend_names(),
                    help="spinal head backend (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="default: %(default)s")
     args = p.parse_args(argv)

@@ -1,7 +1,7 @@
 """Classifier heads: ``fc``, ``fcN`` (one hidden layer of N), ``spinal`` and ``progressive``.
 
 The spinal and progressive heads are :mod:`spinalkern`'s fused modules, so their kernel
-backend ("auto", "torch", "triton", "cuda") is selectable; the other two are plain torch.
+backend (one of ``spinalkern.backend_names()``) is selectable; the other two are plain torch.
 """
 from __future__ import annotations
 
@@ -10,8 +10,10 @@ from dataclasses import asdict, dataclass, replace
 
 from torch import nn
 
+import spinalkern
+
 HEAD_KINDS = ("fc", "mlp", "spinal", "progressive")
-BACKENDS = ("auto", "torch", "triton", "cuda")
+BACKENDS = spinalkern.backend_names()  # "auto", "torch", then every registered fused backend
 
 
 @dataclass(frozen=True)
@@ -98,8 +100,6 @@ def make_head(cfg: HeadConfig, in_features: int, num_classes: int,
     if cfg.kind == "mlp":
         return MLPHead(in_features, cfg.hidden, num_classes, cfg.dropout, cfg.batch_norm,
                        cfg.dropout_in)
-    import spinalkern  # imported here so that the plain models work without the kernels
-
     if cfg.kind == "spinal":
         return spinalkern.SpinalHead(in_features, num_classes, cfg.hidden, cfg.layers,
                                      cfg.splits, dropout=cfg.dropout,

@@ -63,6 +63,11 @@ def names() -> tuple[str, ...]:
     return (AUTO, TORCH, *_registry)
 
 
+def fused_names() -> tuple[str, ...]:
+    """The registered fused backends, in registration order."""
+    return tuple(_registry)
+
+
 def get(name: str) -> Backend:
     """The registered fused backend ``name`` (ValueError for an unknown name)."""
     try:
