@@ -280,7 +280,7 @@ if HAVE_TRITON:
                                    D + j * H, offs_h, h_mask, CDT, DOT_PREC)
                 h = tl.load(hid_ptr + r64[:, None] * NH + j * H + offs_h[None, :],
                             mask=row_mask[:, None] & h_mask[None, :], other=0.0)
-                dz = tl.where(h > 0, dh, 0.0)
+                dz = tl.where(h <= 0, 0.0, dh)  # as torch: zero where h <= 0 (NaN passes)
                 tl.store(g_ptr + r64[:, None] * GS + j * HP + offs_h[None, :], _out(dz, g_ptr),
                          mask=row_mask[:, None])
                 dzs = (_as_io(dz, g_ptr, CDT),) + dzs
@@ -472,7 +472,7 @@ if HAVE_TRITON:
                 h = tl.load(hid_ptr + r64[:, None] * NH + j * H + hc[None, :], mask=mask2,
                             other=0.0)
                 tl.store(g_ptr + r64[:, None] * GS + j * HS + hc[None, :],
-                         _out(tl.where(h > 0, dh, 0.0), g_ptr), mask=mask2)
+                         _out(tl.where(h <= 0, 0.0, dh), g_ptr), mask=mask2)
             tl.debug_barrier()  # dz_j is read back by other threads of this program
         # -- grad_x, one BLOCK_N column block at a time -----------------------------------------
         if KIND == 0:
