@@ -27,7 +27,8 @@ import torch
 from spinalkern.reference import reference_forward
 from spinalkern.rng import keep_mask
 from spinalkern.spec import HeadSpec
-from spinalkern.testing import ERROR_FLOOR, GRAD_ERROR_FLOOR, random_params, rel_err
+from spinalkern.testing import (ERROR_FLOOR, GRAD_ERROR_FLOOR, poisoned_outputs,
+                                random_params, rel_err)
 
 from conftest import HAS_CUDA
 
@@ -45,21 +46,6 @@ def emu():
         extra_cflags=["-O2", "-std=c++17", "-Wno-unknown-pragmas"], build_directory=build_dir,
         is_python_module=False, verbose=False)
     return torch.ops.spinalkern_emu
-
-
-@contextlib.contextmanager
-def poisoned():
-    """torch.empty / at::empty fill with NaN inside: every element of an output or workspace
-    that the kernels do not write shows up as NaN."""
-    import torch.utils.deterministic as det
-    old_mode, old_fill = torch.are_deterministic_algorithms_enabled(), det.fill_uninitialized_memory
-    torch.use_deterministic_algorithms(True)
-    det.fill_uninitialized_memory = True
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(old_mode)
-        det.fill_uninitialized_memory = old_fill
 
 
 @contextlib.contextmanager
@@ -194,7 +180,7 @@ def check_against_reference(fwd, bwd, case, device="cpu"):
     spec, x, ws, bs, gy, seed = make_case(case)
     dtype, p = case[7], case[8]
     dev = lambda t: t.to(device) if t is not None else None  # noqa: E731
-    with poisoned():
+    with poisoned_outputs():
         y, hidden = fwd(dev(x), [dev(w) for w in ws], [dev(b) for b in bs], dev(seed),
                         spec.kind_code, spec.num_splits, p, True)
         gx, gp = bwd(dev(gy), dev(x), [dev(w) for w in ws], hidden, dev(seed), spec.kind_code,

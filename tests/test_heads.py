@@ -1,8 +1,15 @@
 """Every fused backend against the float64 reference, through the ops and through the modules.
 
-Parametrised over the fused backends present: "triton" always (CPU: Triton's interpreter),
-"cuda" when the extension is built (CPU: its C++ implementation).  Inputs are fresh random
-tensors on every check; outputs are poisoned (NaN-filled) before the kernels run.
+The one conformance suite of the ops: every test is parametrised over the fused backends
+present: "triton" always (CPU: Triton's interpreter), "cuda" when the extension is built (CPU:
+its C++ implementation; GPU: its kernels).  The CUDA kernels themselves also run on CPU in the
+emulator, which meets the op-level tests of this file (tests/test_cuda_emu.py).  One oracle
+(``spinalkern.reference``, float64), one tolerance rule and error measure
+(``spinalkern.testing``: max(2x torch's own error at the precision, a per-dtype floor)), one
+input factory (:func:`make_inputs`), one poisoning mechanism (``poisoned_outputs``) and one list
+of bad arguments (:func:`bad_forward_arguments`) for every backend.  Inputs are fresh random
+tensors on every check.  Extension-only behaviour (its keep-mask op, C++ pairwise sums, C++
+autograd) is in tests/test_cuda_build.py.
 """
 from __future__ import annotations
 
@@ -129,6 +136,31 @@ def test_forward_and_all_gradients_fp32(backend, case, dropout):
 
 
 @pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("case", [CASES[1], CASES[5], CASES[7]], ids=[CASE_IDS[i] for i in (1, 5, 7)])
+def test_forward_and_all_gradients_fp64(backend, case):
+    kind, B, D, H, n, S, C = case
+    spec = HeadSpec(kind, D, H, n, C, S)
+    device = backend_device(backend)
+    x, ws, bs = make_inputs(spec, B, torch.float64, device)
+    seed = spinalkern.rng.new_seed(device)
+    g = torch.randn(B, C, dtype=torch.float64, device=device)
+    y, hidden, grads = run_fused(backend, spec, x, ws, bs, 0.3, seed, g)
+    y_ref, h_ref, g_ref = run_reference(spec, x, ws, bs, 0.3, seed, g)
+    check("hidden", hidden, h_ref, torch.float64)
+    check_all(spec, (y, grads), (y_ref, g_ref), (y_ref, g_ref), torch.float64)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_schemas_match_the_contract(backend):
+    from spinalkern import _backends, ops
+    for name, schema in (("forward", ops.FORWARD_SCHEMA), ("backward", ops.BACKWARD_SCHEMA)):
+        got = op(backend, name).default._schema
+        want = torch._C.parse_schema(f"spinalkern::{backend}_head_{name}{schema}")
+        assert str(got) == str(want)
+    assert _backends.get(backend).forward_op is op(backend).default
+
+
+@pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("case", [CASES[2], CASES[3], CASES[8]], ids=[CASE_IDS[i] for i in (2, 3, 8)])
 def test_half_precision(backend, dtype, case):
@@ -151,11 +183,16 @@ def test_nan_propagates_like_reference(backend):
     x, ws, bs = make_inputs(spec, 37, torch.float32, device)
     x[5, 3] = float("nan")      # segment 0: reaches every layer through the chain
     x[11, 40] = float("nan")    # segment 1
-    y, _, _ = run_fused(backend, spec, x, ws, bs)
-    y_ref = reference_forward(spec, x.double().cpu(), [w.double().cpu() for w in ws],
-                              [b.double().cpu() for b in bs])
+    g = torch.randn(37, 26, device=device)
+    y, hidden, grads = run_fused(backend, spec, x, ws, bs, grad_y=g)
+    y_ref, h_ref, g_ref = run_reference(spec, x, ws, bs, grad_y=g)
     assert torch.equal(torch.isnan(y.cpu()), torch.isnan(y_ref))
+    assert torch.equal(torch.isnan(hidden.cpu()), torch.isnan(h_ref))
     assert torch.isnan(y_ref).any() and not torch.isnan(y_ref[0]).any()
+    for got, want in zip(grads, g_ref):   # NaN where torch has NaN, the rest right
+        assert torch.equal(torch.isnan(got.cpu()), torch.isnan(want))
+        ok = ~torch.isnan(want)
+        assert rel_err(got.cpu()[ok], want[ok]) <= 2 * GRAD_ERROR_FLOOR[torch.float32]
 
 
 @pytest.mark.parametrize("backend", FUSED)
@@ -233,6 +270,29 @@ def test_torch_compile_fullgraph(backend):
     ref = head(x)
     ref.square().sum().backward()
     assert rel_err(y, ref) < 1e-5 and rel_err(gx, x.grad) < 1e-5
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_torch_compile_op_with_dropout_and_backward(backend):
+    torch._dynamo.reset()
+    spec = HeadSpec("spinal", 20, 8, 3, 6, 2)
+    device = backend_device(backend)
+    x, ws, bs = make_inputs(spec, 11, torch.float32, device)
+    seed = spinalkern.rng.new_seed(device)
+
+    def loss(x, ws, bs):
+        y, _ = op(backend)(x, ws, bs, seed, 0, 2, 0.25, True)
+        return (y * y).sum()
+
+    params = [t.clone().requires_grad_() for t in (x, *ws, *bs)]
+    out = torch.compile(loss, fullgraph=True)(params[0], params[1:5], params[5:])
+    out.backward()
+    eager = [t.clone().requires_grad_() for t in (x, *ws, *bs)]
+    want = loss(eager[0], eager[1:5], eager[5:])
+    want.backward()
+    assert rel_err(out, want) < 1e-6
+    for a, b in zip(params, eager):
+        assert rel_err(a.grad, b.grad) < 1e-5
 
 
 @pytest.mark.parametrize("backend", FUSED)
@@ -615,6 +675,19 @@ def test_autocast_bf16(backend):
     assert rel_err(y, y_ref) < ERROR_FLOOR[torch.bfloat16]
 
 
+@pytest.mark.parametrize("backend", FUSED)
+def test_op_zero_batch(backend):
+    spec = HeadSpec("spinal", 20, 8, 2, 5, 2)
+    device = backend_device(backend)
+    x, ws, bs = make_inputs(spec, 0, torch.float32, device)
+    with poisoned_outputs():
+        y, h = op(backend)(x, ws, bs, None, 0, 2, 0.0, True)
+        gx, gp = op(backend, "backward")(torch.zeros(0, 5, device=device), x, ws, h, None, 0,
+                                         2, 0.0)
+    assert y.shape == (0, 5) and h.shape == (0, 16) and gx.shape == (0, 20)
+    assert gp.shape == (spec.num_params(),) and torch.equal(gp, torch.zeros_like(gp))
+
+
 def test_zero_batch():
     for backend in FUSED:
         device = backend_device(backend)
@@ -680,25 +753,50 @@ def test_bad_construction_errors():
         SpinalHead(20, 5, backend="cudnn")
 
 
-def test_op_rejects_bad_arguments():
-    spec = HeadSpec("spinal", 20, 8, 2, 5, 2)
-    x, ws, bs = make_inputs(spec, 3, torch.float32, TRITON_DEVICE)
-    f = op("triton")
-    with pytest.raises(ValueError, match=r"weights\[1\]"):
-        f(x, [ws[0], ws[0], ws[2]], bs, None, 0, 2, 0.0, True)
-    with pytest.raises(TypeError, match=r"weights\[0\]"):
-        f(x, [ws[0].double()] + ws[1:], bs, None, 0, 2, 0.0, True)
-    with pytest.raises(ValueError, match="seed"):
-        f(x, ws, bs, None, 0, 2, 0.5, True)
-    with pytest.raises(ValueError, match="divisible"):
-        f(torch.randn(3, 21, device=x.device), ws, bs, None, 0, 2, 0.0, True)
-    with pytest.raises(ValueError, match="must not exceed num_layers"):
-        f(x, ws, bs, None, 0, 3, 0.0, True)
-    with pytest.raises(ValueError, match="dropout"):
-        f(x, ws, bs, None, 0, 2, 1.5, True)
-    if HAS_CUDA:
-        with pytest.raises(ValueError, match="is on"):
-            f(x, [ws[0].cpu()] + ws[1:], bs, None, 0, 2, 0.0, True)
+def bad_forward_arguments(device):
+    """(good arguments, [(change, exception, message)]): every argument check of the forward
+    op, met by every backend."""
+    spec = HeadSpec("spinal", 12, 6, 3, 5, 2)
+    x, ws, bs = make_inputs(spec, 4, torch.float32, device)
+    seed = spinalkern.rng.new_seed(device)
+    good = dict(x=x, weights=ws, biases=bs, seed=None, kind=0, num_splits=2, dropout=0.0,
+                save_hidden=True)
+    cases = [
+        (dict(x=x[0]), ValueError, "x must be 2-D"),
+        (dict(x=torch.randn(4, 13, device=device)), ValueError, "divisible by num_splits"),
+        (dict(x=torch.randn(4, 14, device=device)), ValueError, "weights[0] has shape"),
+        (dict(x=x.to(torch.int64)), TypeError, "x must be float16"),
+        (dict(x=x.double()), TypeError, "weights[0] has dtype"),
+        (dict(weights=[ws[0], ws[0]] + ws[2:]), ValueError, "weights[1] has shape"),
+        (dict(weights=ws[:-2] + [ws[-1]]), ValueError, "weights["),
+        (dict(weights=[ws[0]]), ValueError, "at least one hidden layer"),
+        (dict(weights=[ws[0].double()] + ws[1:]), TypeError, "weights[0] has dtype"),
+        (dict(biases=bs[:-1]), ValueError, "biases"),
+        (dict(biases=bs[:-1] + [bs[-1][:-1]]), ValueError, "biases[3] has shape"),
+        (dict(biases=bs[:-1] + [bs[-1].double()]), TypeError, "biases[3] has dtype"),
+        (dict(kind=2), ValueError, "kind must be"),
+        (dict(kind=1), ValueError, "num_splits applies to the spinal head only"),
+        (dict(num_splits=0), ValueError, "num_splits must be positive"),
+        (dict(num_splits=4), ValueError, "must not exceed num_layers"),
+        (dict(dropout=0.5), ValueError, "seed is required"),
+        (dict(dropout=1.0, seed=seed), ValueError, "dropout must be in [0, 1)"),
+        (dict(dropout=1.5, seed=seed), ValueError, "dropout must be in [0, 1)"),
+        (dict(dropout=0.5, seed=seed.int()), ValueError, "seed must be a one-element int64"),
+    ]
+    if device != "cpu":
+        cases.append((dict(weights=[ws[0].cpu()] + ws[1:]), ValueError, "is on"))
+    return good, cases
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_ops_reject_bad_arguments(backend):
+    device = backend_device(backend)
+    good, cases = bad_forward_arguments(device)
+    for change, exc, msg in cases:
+        a = {**good, **change}
+        with pytest.raises(exc) as info:
+            op(backend)(*a.values())
+        assert msg in str(info.value), (list(change), str(info.value))
 
 
 def test_cuda_backend_missing_says_how_to_build(monkeypatch):
@@ -869,6 +967,27 @@ def test_gpu_cuda_graph_replay_equals_eager_and_redraws_dropout(backend):
     first = out.clone()
     graph.replay()
     assert rel_err(out, first) > 1e-2
+
+
+@requires_cuda
+@pytest.mark.skipif(len(FUSED) < 2, reason="needs a CUDA GPU and both fused backends")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
+                         ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("cfg", REAL[:3], ids=lambda c: f"{c[0]}-D{c[1]}-H{c[2]}-S{c[5]}")
+def test_gpu_fused_backends_agree(cfg, dtype):
+    """Every fused backend gives the same y, hidden and gradients (same seed) within the
+    rule's bound for two implementations, each within it of the reference."""
+    kind, D, H, n, C, S = cfg
+    spec = HeadSpec(kind, D, H, n, C, S)
+    x, ws, bs = make_inputs(spec, 2048, dtype, "cuda")
+    g = torch.randn(2048, C, device="cuda").to(dtype)
+    seed = spinalkern.rng.new_seed("cuda")
+    outs = [run_fused(b, spec, x, ws, bs, 0.3, seed, g) for b in FUSED]
+    first = outs[0]
+    for other in outs[1:]:
+        check("y", other[0], first[0], dtype, floors={k: 2 * v for k, v in ERROR_FLOOR.items()})
+        for a, b in zip(other[2], first[2]):
+            check("grad", a, b, dtype, floors={k: 2 * v for k, v in GRAD_ERROR_FLOOR.items()})
 
 
 def test_weight_gradient_split_and_reduce_path_is_exercised():
