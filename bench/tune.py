@@ -1,13 +1,13 @@
 """Tuning table of the Triton kernels: sweep candidate tile configurations per (head, dtype, batch
 bucket) and keep the fastest correct one per GPU name.
 
-    python bench/tune.py compile [--jobs 16]            # compile every candidate for sm_90
-    python bench/tune.py sweep --out TABLE.json [--budget-s 280] [--heads ...] [--batches ...]
-    python bench/tune.py sweep --smoke --out /tmp/t.json  # CPU: interpreter, tiny head
-    python bench/tune.py host-cost --out results/kernels/triton_host_cost.json
+    python -m bench.tune compile [--jobs 16]            # compile every candidate for sm_90
+    python -m bench.tune sweep --out TABLE.json [--budget-s 280] [--heads ...] [--batches ...]
+    python -m bench.tune sweep --smoke --out /tmp/t.json  # CPU: interpreter, tiny head
+    python -m bench.tune host-cost --out results/kernels/triton_host_cost.json
 
 ``compile`` builds every candidate's plan as the launcher would and compiles its kernels for
-sm_90 through Triton's binder (``scripts/check_triton_kernels.py``), filling Triton's cache
+sm_90 through Triton's binder (``bench/check_triton_kernels.py``), filling Triton's cache
 (``TRITON_CACHE_DIR``) and dropping candidates that spill.  It needs no GPU.  Triton's cache key
 includes a hash of its own compiled library, which differs between Python versions: fill the
 cache with the Python the GPU machine runs, or run ``compile --jobs 16`` there first (its CPUs
@@ -33,7 +33,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 # The heads of models/ (spinal VGG-5 / ResNet18 heads, their progressive versions, the small
 # CNN head) and the wide head of the issue's goals.  (kind, D, H, n, C, S)
@@ -106,12 +105,8 @@ def shapes(args):
 # ---------------------------------------------------------------------------------------------
 def _compile_job(job):
     os.environ.pop("TRITON_INTERPRET", None)
-    import importlib.util
     spec_, cfg_json, dtype_name, B, dropout, save_hidden = job
-    path = REPO / "scripts" / "check_triton_kernels.py"
-    mod_spec = importlib.util.spec_from_file_location("check_triton_kernels", path)
-    checker = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(checker)
+    from bench import check_triton_kernels as checker
     from spinalkern import triton_plan as tp
     from spinalkern.spec import HeadSpec
     spec = HeadSpec(*spec_)
@@ -306,8 +301,7 @@ def host_cost(args) -> int:
     from spinalkern import triton_plan as tp
     from spinalkern.spec import HeadSpec
     from spinalkern.testing import random_params
-    sys.path.insert(0, str(REPO / "bench"))
-    import benchlib
+    from bench import benchlib
     load_before = round(os.getloadavg()[0], 2)  # other work on the machine inflates times
     spec = HeadSpec("spinal", 64, 16, 4, 10, 2)  # tiny: the host path dominates
     B = 8

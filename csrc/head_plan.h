@@ -1,6 +1,6 @@
 // Launch planning (host): which compiled tile size each kernel runs with, what stays in shared
 // memory, and the SmemLayout, for one head call.  Used by the launchers (head_launch.h), the
-// CPU emulator and the cuda_launch_plan op (what scripts/check_cuda_build.py reports).
+// CPU emulator and the cuda_launch_plan op (what bench/check_cuda_build.py reports).
 //
 // Row tile of the forward and of the chain (compiled sizes: fp16/bf16 forward 16/64/128,
 // chain 16/64; fp32 16/64; fp64 16): the largest that still gives at least half as many CTAs

@@ -1,7 +1,7 @@
 // CUDA implementation of spinalkern::cuda_head_forward (one fused kernel launch per call, plus
 // a packing launch for heads whose widths are not multiples of 16), of the dropout-mask testing
 // op, and the launch-plan op (the kernels' tile sizes and shared-memory layouts for a head,
-// read by scripts/check_cuda_build.py).  Kernels: head_*kernel*.cuh; host logic: head_launch.h.
+// read by bench/check_cuda_build.py).  Kernels: head_*kernel*.cuh; host logic: head_launch.h.
 #include <torch/library.h>
 
 #include "head_launch.h"

@@ -18,19 +18,19 @@ step() { printf '\n==> %s\n' "$*"; }
 
 step "extension: python setup.py build_ext --inplace (sm_80 + sm_90 + PTX)"
 SPINALKERN_FORCE_CUDA=1 python setup.py -q build_ext --inplace
-python scripts/check_cuda_build.py --arch 80 --arch 90 --ptx 90 --markdown build/cuda_resources.md
+python -m bench.check_cuda_build --arch 80 --arch 90 --ptx 90 --markdown build/cuda_resources.md
 
 step "extension: CMake build for libtorch users (sm_90)"
 cmake -S . -B build/cmake -DCMAKE_PREFIX_PATH="$(python -c 'import torch;print(torch.utils.cmake_prefix_path)')" \
       -DCMAKE_CUDA_ARCHITECTURES=90 > build/cmake-configure.log
 cmake --build build/cmake -j"$MAX_JOBS" > build/cmake-build.log
-python scripts/check_cuda_build.py build/cmake/libspinalkern.so --arch 90
+python -m bench.check_cuda_build build/cmake/libspinalkern.so --arch 90
 
 step "package: sdist -> wheel (CPU-only extension) -> fresh venv -> used outside the checkout"
 python scripts/check_wheel.py
 
 step "Triton kernels: ahead-of-time compile for sm_90; registers / spills / shared memory"
-python scripts/check_triton_kernels.py --out build/triton_resources.json
+python -m bench.check_triton_kernels --out build/triton_resources.json
 
 step "parameter table in README / docs matches the code"
 python -m models.params --check docs/training.md README.md

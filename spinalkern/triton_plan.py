@@ -2,7 +2,7 @@
 
 One description serves three users, so that what is checked and tuned is what runs:
 - the launcher (``spinalkern.triton_head``) runs ``HeadPlan`` launches;
-- the resource checker (``scripts/check_triton_kernels.py``) compiles the same launches for
+- the resource checker (``bench/check_triton_kernels.py``) compiles the same launches for
   sm_90 through Triton's own argument binder (same signature, constexprs, alignment
   specialisations);
 - the tuner (``bench/tune.py``) builds plans from candidate ``HeadConfig`` s.
@@ -108,7 +108,7 @@ def default_config(spec: HeadSpec, dtype: torch.dtype, B: int, dropout: bool = F
     """The heuristic tiles, used where the table has no entry (they are not measured).
 
     Every configuration returned here compiles without register spills for sm_90
-    (scripts/check_triton_kernels.py checks them).
+    (bench/check_triton_kernels.py checks them).
     - fp16/bf16, training batches (< 8192 rows): the fused forward (activations on chip,
       16-row tiles so that B/16 programs spread over the SMs, 8 warps: the Philox state of
       the dropout tiles needs the registers).  The fused backward chain only for padded

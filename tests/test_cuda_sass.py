@@ -1,11 +1,10 @@
-"""The CUDA extension's binaries: scripts/check_cuda_build.py on synthetic SASS (so that each of
+"""The CUDA extension's binaries: bench/check_cuda_build.py on synthetic SASS (so that each of
 its checks is shown to fail when it should), on the committed report, and on the built
 library (sm_80 + sm_90 code, async 16-byte staging and LDSM in every main loop, no scalar
 16-bit global loads there, zero spills, no regression against the committed report)."""
 from __future__ import annotations
 
 import glob
-import importlib.util
 import json
 import os
 import subprocess
@@ -14,17 +13,8 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "scripts", "check_cuda_build.py")
+from bench import check_cuda_build as chk  # noqa: E402
 
-
-def _load_checker():
-    spec = importlib.util.spec_from_file_location("check_cuda_build", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-chk = _load_checker()
 TC = "void spinalkern::kern::head_forward_kernel<__nv_bfloat16, 64>(spinalkern::kern::ForwardParams<__nv_bfloat16>)"
 SIMT = "void spinalkern::kern::head_backward_wgrad_kernel<float>(spinalkern::kern::BackwardParams<float>)"
 
@@ -122,12 +112,12 @@ def test_built_library_passes_the_checks():
         pytest.skip("spinalkern._C is loaded from outside the source tree")
     # setup.py builds sm_80 + sm_90 (+ PTX) unless TORCH_CUDA_ARCH_LIST says otherwise
     archs = os.environ.get("TORCH_CUDA_ARCH_LIST") or "8.0;9.0+PTX"
-    cmd = [sys.executable, SCRIPT, lib]
+    cmd = [sys.executable, "-m", "bench.check_cuda_build", lib]
     for a in archs.replace(" ", ";").split(";"):
         if a:
             cmd += ["--arch", a.split("+")[0].replace(".", "")]
             if a.endswith("+PTX"):
                 cmd += ["--ptx", a.split("+")[0].replace(".", "")]
-    r = subprocess.run(cmd, capture_output=True, text=True)
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "zero spills" in r.stdout and "no regression" in r.stdout

@@ -149,12 +149,7 @@ def test_launcher_passes_what_the_plan_describes(monkeypatch):
 
 
 def test_checker_builds_the_launchers_plan():
-    import importlib.util
-    import pathlib
-    path = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "check_triton_kernels.py"
-    spec_ = importlib.util.spec_from_file_location("check_triton_kernels", path)
-    checker = importlib.util.module_from_spec(spec_)
-    spec_.loader.exec_module(checker)
+    from bench import check_triton_kernels as checker
     sc = dict(head="spinal-vgg", dtype="bf16", B=1024, dropout=0.5, save_hidden=True)
     plan, launches = checker.plan_launches(sc)
     mine = tp.build_plan(HeadSpec(*checker.HEADS["spinal-vgg"]), torch.bfloat16, 1024, 0.5,

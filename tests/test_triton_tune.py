@@ -1,8 +1,7 @@
-"""bench/tune.py: the CPU smoke mode of the tuning sweep, and the candidates it would time on a
+"""bench.tune: the CPU smoke mode of the tuning sweep, and the candidates it would time on a
 GPU (each builds a plan; the resource checker compiles such plans for sm_90)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import pathlib
 
@@ -18,10 +17,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _tune():
-    spec = importlib.util.spec_from_file_location("tune", ROOT / "bench" / "tune.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    from bench import tune
+    return tune
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="the smoke mode runs the kernels in the interpreter")

@@ -1,7 +1,7 @@
 """Compile the Triton kernels exactly as the launcher launches them, for sm_90 and without a GPU,
 and report what each compiled kernel uses; fail if any spills registers.
 
-    python scripts/check_triton_kernels.py [--out report.json] [--jobs 2] [--all]
+    python -m bench.check_triton_kernels [--out report.json] [--jobs 2] [--all]
 
 For every checked configuration (heads with aligned and unaligned widths, including a wide one
 that takes the chunked kernels; bf16 / fp16 / fp32; a training and a large batch; dropout off
@@ -31,7 +31,6 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 SM90_SMS = 132  # H100 / H200: the SM count the plans are built for (wgrad slices, grids)
 # (kind, D, H, n, C, S): the VGG-5 / ResNet18 heads (aligned D and H; C = 62, EMNIST, is not a

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Checks a built CUDA extension without a GPU, from its binaries (cuobjdump).
 
-    python scripts/check_cuda_build.py [LIB ...] [--arch 80 --arch 90] [--ptx 90]
+    python -m bench.check_cuda_build [LIB ...] [--arch 80 --arch 90] [--ptx 90]
         [--markdown FILE] [--json FILE] [--baseline FILE | --no-baseline]
 
 LIB defaults to spinalkern/_C*.so.  Uses the cuobjdump shipped in triton's wheel
@@ -245,7 +245,6 @@ def compare_baseline(rows: list[dict], path: str) -> bool:
 
 def launch_plans() -> list[tuple]:
     """Plans of the reference heads from the in-tree extension's planner ([] if not built)."""
-    sys.path.insert(0, ROOT)
     try:
         import torch
         from spinalkern import cuda_backend
