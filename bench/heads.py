@@ -136,7 +136,8 @@ def is_goal_cell(head: BenchHead, batch: int, dtype_name: str, pass_: str) -> bo
     return batch == INFER_BATCH and not head.training
 
 
-def make_head(head: BenchHead, backend: str, dropout: float | None = None) -> torch.nn.Module:
+def bench_module(head: BenchHead, backend: str, dropout: float | None = None) -> torch.nn.Module:
+    """The spinalkern module of ``head`` on ``backend``, in ``head``'s training mode."""
     from spinalkern import ProgressiveHead, SpinalHead
     s = head.spec
     p = head.dropout if dropout is None else dropout
@@ -199,7 +200,7 @@ def reference_outputs(head: BenchHead, state: dict, x, dy, pass_: str):
     (``backend="torch"``, i.e. spinalkern.reference) on float64 copies of the head's state and
     inputs as the variants see them, with dropout off (the fused kernels' masks differ from
     torch's)."""
-    ref = make_head(head, "torch", dropout=0.0)
+    ref = bench_module(head, "torch", dropout=0.0)
     ref.load_state_dict(state)
     ref = ref.to(device=x.device, dtype=torch.float64)
     x64 = x.detach().double().requires_grad_(pass_ != "fwd")
@@ -410,7 +411,7 @@ class Cell:
         torch.manual_seed(seed)
         gen = torch.Generator().manual_seed(seed)
         ws, bs = random_params(spec, torch.float64, "cpu", generator=gen)
-        self.state = make_head(head, "torch").state_dict()
+        self.state = bench_module(head, "torch").state_dict()
         for L in range(spec.n + 1):
             key = f"layers.{L}" if L < spec.n else "out"
             self.state[f"{key}.weight"], self.state[f"{key}.bias"] = ws[L], bs[L]
@@ -427,7 +428,7 @@ class Cell:
         self.bounds = error_bounds(self.torch_errs, self.dtype)
 
     def module(self, backend: str, dropout: float | None = None):
-        m = make_head(self.head, backend, dropout)
+        m = bench_module(self.head, backend, dropout)
         m.load_state_dict(self.state)
         return to_dtype(m, self.device, self.dtype)
 

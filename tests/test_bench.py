@@ -61,7 +61,7 @@ def test_heads_are_specs_and_the_bn_head_is_the_papers():
     assert bn.passes == ("fwd+bwd",)
     assert bn.batches(heads.BATCHES) == [128, 256, 1024]
     assert bn.batches(heads.QUICK["batches"]) == [128, 1024]
-    m = heads.make_head(bn, "torch")
+    m = heads.bench_module(bn, "torch")
     assert m.training and m.norms is not None and m.dropout == 0.5
     m16 = heads.to_dtype(m, "cpu", torch.bfloat16)
     assert m16.out.weight.dtype == torch.bfloat16 and m16.norms[0].weight.dtype == torch.float32
