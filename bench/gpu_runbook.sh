@@ -18,6 +18,8 @@
 #   host      host-overhead benchmark (bench.host_overhead)
 #   train     here, if it did not run during the build
 #   sanitize  one small case per compute-sanitizer tool (bench/sanitize.sh --quick)
+#   tune      only when RUNBOOK_TUNE_S > 0: the Triton tuning sweep (bench.tune sweep), its
+#             table into the archive (triton_table.json)
 #   plots     PNGs of the results (into the archive)
 #   tail      summary.md (step table + generated goal tables), runbook.tgz (logs, plots,
 #             machine.json, pytest XML, sanitizer logs)
@@ -31,6 +33,8 @@
 #   RUNBOOK_BUDGET_S           global deadline in seconds, the tail included (default 420)
 #   RUNBOOK_TAIL_S             seconds kept for the tail (default 20)
 #   RUNBOOK_COMPILE_TIMEOUT_S  hard limit of one torch.compile cell (default 75)
+#   RUNBOOK_TUNE_S             seconds for the Triton tuning sweep (default 0: not run; the
+#                              default budget has no room for it, give it a call of its own)
 #   SPINALKERN_DATA            folder holding mnist/ for the training step (default data)
 # The exact call for the project's GPU machine: docs/benchmarks.md.
 set -u -o pipefail
@@ -41,6 +45,7 @@ PY=${PYTHON:-python3}
 BUDGET=${RUNBOOK_BUDGET_S:-420}
 TAIL=${RUNBOOK_TAIL_S:-20}
 COMPILE_TIMEOUT=${RUNBOOK_COMPILE_TIMEOUT_S:-75}
+TUNE_S=${RUNBOOK_TUNE_S:-0}
 DATA=${SPINALKERN_DATA:-data}
 SECONDS=0
 START_EPOCH=$(date +%s)
@@ -130,7 +135,7 @@ if [ -n "$GPU" ]; then
   HOST_CAP=20 SANITIZE_CAP=40 PLOTS_CAP=15 TRAIN_CAP=60 HEADS_MIN=90
 else
   echo "!! no GPU: the CPU rehearsal (smoke sizes; GPU-only steps skipped)"
-  HOST_CAP=30 SANITIZE_CAP=20 PLOTS_CAP=20 TRAIN_CAP=60 HEADS_MIN=30
+  HOST_CAP=30 SANITIZE_CAP=20 PLOTS_CAP=45 TRAIN_CAP=60 HEADS_MIN=30
 fi
 after_heads() { echo $(( HOST_CAP + SANITIZE_CAP + PLOTS_CAP + (TRAIN_DONE ? 0 : TRAIN_CAP) )); }
 
@@ -251,6 +256,16 @@ fi
 
 # --- compute-sanitizer -------------------------------------------------------------------
 step sanitize "$SANITIZE_CAP" bash bench/sanitize.sh --quick "$WORK/sanitize"
+
+# --- the Triton tuning sweep, when asked --------------------------------------------------
+if (( TUNE_S <= 0 )); then
+  record tune "skipped (not asked)" 0 "RUNBOOK_TUNE_S=0"
+elif [ -z "$GPU" ]; then
+  record tune "skipped (no GPU)" 0 "$NO_GPU"
+else
+  step tune "$TUNE_S" "$PY" -m bench.tune sweep --out "$WORK/triton_table.json" \
+    --budget-s $(( TUNE_S - 15 > 10 ? TUNE_S - 15 : 10 ))
+fi
 
 # --- plots -------------------------------------------------------------------------------
 if [ -f "$OUT/heads.json" ] || [ -f "$OUT/train.json" ]; then

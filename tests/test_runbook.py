@@ -26,7 +26,7 @@ COMPILE_TIMEOUT_S = 3        # the compile cell must hit its hard timeout (and b
 EXPECTED_FILES = {"summary.md", "steps.tsv", "heads.json", "train.json", "host.json",
                   "runbook.tgz"}
 EXPECTED_STEPS = ["facts", "tests-triton", "build", "tests-cuda", "heads", "host", "train",
-                  "sanitize", "plots"]
+                  "sanitize", "tune", "plots"]
 
 
 def python3_link(folder) -> str:
@@ -78,7 +78,7 @@ def rehearsal(toolbox, tmp_path_factory):
     bin_dir, tools = toolbox
     out = tmp_path_factory.mktemp("runbook") / "out"
     cmd = bare_env(f"{bin_dir}:{tools}", RUNBOOK_BUDGET_S=BUDGET_S,
-                   RUNBOOK_COMPILE_TIMEOUT_S=COMPILE_TIMEOUT_S) + [
+                   RUNBOOK_COMPILE_TIMEOUT_S=COMPILE_TIMEOUT_S, RUNBOOK_TUNE_S=60) + [
         "bash", os.path.join(REPO, "bench", "gpu_runbook.sh"), str(out)]
     t0 = time.monotonic()
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
