@@ -214,3 +214,41 @@ def check_rejects_like_python(fwd, bwd):
 def test_cpu_ops_reject_bad_arguments_like_python():
     check_rejects_like_python(torch.ops.spinalkern.cuda_head_bn_forward,
                               torch.ops.spinalkern.cuda_head_bn_backward)
+
+
+# ---------------------------------------------------------------------------------------------
+# the CUDA kernels on the emulator
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_emulated_kernels_match_reference(emu, case):
+    with knobs(case[9]):
+        check_against_reference(emu.head_bn_forward, emu.head_bn_backward, case)
+
+
+def test_emulated_kernels_are_deterministic_and_reject_bad_arguments(emu):
+    spec, x, ws, bs, gammas, betas, gy, seed = make_case(CASES[1])
+    a = emu.head_bn_forward(x, ws, bs, gammas, betas, seed, 2, 0.3, EPS, True)
+    b = emu.head_bn_forward(x, ws, bs, gammas, betas, seed, 2, 0.3, EPS, False)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[3], b[3])
+    assert b[1].shape == (0,) and b[2].shape == (0,)
+    ga = emu.head_bn_backward(gy, x, ws, gammas, *a[1:], seed, 2, 0.3)
+    gb = emu.head_bn_backward(gy, x, ws, gammas, *a[1:], seed, 2, 0.3)
+    for u, v in zip(ga, gb):
+        assert torch.equal(u, v)
+    check_rejects_like_python(emu.head_bn_forward, emu.head_bn_backward)
+
+
+@pytest.mark.parametrize("fault", ["cp_async_wait_early", "skip_syncthreads"])
+def test_emulator_catches_pipeline_faults_in_bn_kernels(emu, fault):
+    """A W tile read one cp.async group early, or without the barrier after its wait, must
+    show up (NaN from the poisoned stage) in both layer kernels."""
+    spec, x, ws, bs, gammas, betas, gy, seed = make_case(CASES[0])
+    y, hidden, z, stats = emu.head_bn_forward(x, ws, bs, gammas, betas, seed, 2, 0.0, EPS, True)
+    emu.set_fault(fault)
+    try:
+        yf = emu.head_bn_forward(x, ws, bs, gammas, betas, seed, 2, 0.0, EPS, True)[0]
+        gxf = emu.head_bn_backward(gy, x, ws, gammas, hidden, z, stats, seed, 2, 0.0)[0]
+    finally:
+        emu.set_fault("")
+    assert yf.isnan().any(), "forward"
+    assert gxf.isnan().any(), "backward"
