@@ -45,23 +45,24 @@ struct BnCfg {
   static constexpr size_t kBwdStage = (size_t)BK * kBwdPitch * sizeof(T);
 };
 
-// Shared memory of one layer launch: the A operand (u_L tile or dz_L tile), the fp32 z tile
-// for the statistics (forward, hidden layers), then two W stages.
+// Shared memory of one layer launch: the A operand (u_L tile or dz_L tile); forward only: the
+// fp32 z tile for the statistics and the layer's bias (fp32, zero past N); then two W stages.
 struct BnSmem {
-  int pitch;         // row pitch (elements) of the A operand
-  size_t zs, ring;   // byte offsets
+  int pitch;               // row pitch (elements) of the A operand
+  size_t zs, bias, ring;   // byte offsets
   size_t total;
 };
 
 template <typename T>
 SK_HD BnSmem bn_smem(const HeadDims& d, int L, int bm, bool backward) {
   using Cfg = BnCfg<T>;
+  using A = acc_t<T>;
   const PaddedLayer lay = padded_layer(d, L);
   BnSmem s;
   s.pitch = smem_pitch<T>(backward ? pad16(lay.N) : lay.K_pad);
   s.zs = align128((size_t)bm * s.pitch * sizeof(T));
-  const size_t zs_bytes = backward ? 0 : align128((size_t)bm * (Cfg::BN + 1) * sizeof(acc_t<T>));
-  s.ring = s.zs + zs_bytes;
+  s.bias = s.zs + (backward ? 0 : align128((size_t)bm * (Cfg::BN + 1) * sizeof(A)));
+  s.ring = s.bias + (backward ? 0 : align128((size_t)cdiv(lay.N, Cfg::BN) * Cfg::BN * sizeof(A)));
   s.total = s.ring + 2 * (backward ? Cfg::kBwdStage : Cfg::kFwdStage);
   return s;
 }
@@ -118,6 +119,7 @@ SK_GLOBAL void SK_LAUNCH_BOUNDS(kThreads)
   const BnSmem sm = bn_smem<T>(d, L, BM, false);
   T* us = reinterpret_cast<T*>(smem);
   A* zs = reinterpret_cast<A*>(smem + sm.zs);
+  A* bias = reinterpret_cast<A*>(smem + sm.bias);
   T* ring = reinterpret_cast<T*>(smem + sm.ring);
   const bool out = L == d.n;
   const int row0 = (int)blockIdx.x * BM, rows = min(BM, d.B - row0), nH = d.n * d.H;
@@ -133,6 +135,8 @@ SK_GLOBAL void SK_LAUNCH_BOUNDS(kThreads)
     cp_async_commit();
   };
   issue(0);
+  for (int j = (int)threadIdx.x; j < nblk * BN; j += kThreads)
+    bias[j] = j < N ? to_acc(p.b[L][j]) : A(0);
   // u_L tile, dropout applied (the output layer writes hidden on the way)
   for (int idx = (int)threadIdx.x; idx < BM * lay.K_pad; idx += kThreads) {
     const int m = idx / lay.K_pad, c = idx % lay.K_pad, row = row0 + m;
@@ -169,12 +173,12 @@ SK_GLOBAL void SK_LAUNCH_BOUNDS(kThreads)
       if (out) {
         g.epilogue([&](int m, int nn, A v) {
           const int j = nb * BN + nn, row = row0 + m;
-          if (row < d.B && j < N) p.y[(int64_t)row * d.C + j] = from_acc<T>(v + to_acc(p.b[L][j]));
+          if (row < d.B && j < N) p.y[(int64_t)row * d.C + j] = from_acc<T>(v + bias[j]);
         });
       } else {
         g.epilogue([&](int m, int nn, A v) {
           const int j = nb * BN + nn, row = row0 + m;
-          const T zt = from_acc<T>(j < N ? v + to_acc(p.b[L][j]) : A(0));
+          const T zt = from_acc<T>(v + bias[j]);
           zs[m * ZP + nn] = to_acc(zt);  // the statistics are those of the stored z
           if (row < d.B && j < N) p.z[(int64_t)row * nH + L * d.H + j] = zt;
         });

@@ -166,6 +166,23 @@ def test_cpu_autograd_and_saved_outputs():
         torch.autograd.grad(out[0], leaves[0], gy, create_graph=True)
 
 
+@needs_ext
+def test_cpu_ops_pass_opcheck_and_compile():
+    """Schemas, fakes (spinalkern.ops), autograd registration and torch.compile agree."""
+    spec, x, ws, bs, gammas, betas, gy, seed = make_case(CASES[1])
+    fwd = torch.ops.spinalkern.cuda_head_bn_forward.default
+    bwd = torch.ops.spinalkern.cuda_head_bn_backward.default
+    leaves = [t.clone().requires_grad_() for t in (x, *ws, *gammas)]
+    n1 = spec.n + 1
+    torch.library.opcheck(fwd, (leaves[0], leaves[1:1 + n1], bs, leaves[1 + n1:], betas, seed, 2,
+                                0.3, EPS, True))
+    y, hidden, z, stats = fwd(x, ws, bs, gammas, betas, seed, 2, 0.3, EPS, True)
+    torch.library.opcheck(bwd, (gy, x, ws, gammas, hidden, z, stats, seed, 2, 0.3))
+    compiled = torch.compile(lambda x: fwd(x, ws, bs, gammas, betas, seed, 2, 0.3, EPS, False)[0],
+                             fullgraph=True)
+    assert torch.equal(compiled(x), y)
+
+
 def bad_calls(x, ws, bs, gammas, betas, seed):
     """(description, forward args) that every implementation must reject, as Python does."""
     S = 2
