@@ -91,13 +91,23 @@ def run_reference(spec, x, ws, bs, gammas, betas, p, seed, gy, cast):
                 dz_sums=[t.grad.double().abs().sum(0).norm().item() for t in zs])
 
 
-def check_against_reference(fwd, bwd, case):
+def to(device, *args):
+    """args with every tensor (also inside lists) moved to device."""
+    def mv(a):
+        if isinstance(a, list):
+            return [t.to(device) for t in a]
+        return a.to(device) if isinstance(a, torch.Tensor) else a
+    return [mv(a) for a in args]
+
+
+def check_against_reference(fwd, bwd, case, device="cpu"):
     spec, x, ws, bs, gammas, betas, gy, seed = make_case(case)
     dtype, p = case[6], case[7]
     n, n1 = spec.n, spec.n + 1
+    S = spec.num_splits
     with poisoned():
-        y, hidden, z, stats = fwd(x, ws, bs, gammas, betas, seed, spec.num_splits, p, EPS, True)
-        gx, gp, gbn = bwd(gy, x, ws, gammas, hidden, z, stats, seed, spec.num_splits, p)
+        y, hidden, z, stats = fwd(*to(device, x, ws, bs, gammas, betas, seed), S, p, EPS, True)
+        gx, gp, gbn = bwd(*to(device, gy, x, ws, gammas), hidden, z, stats, *to(device, seed), S, p)
     ref = run_reference(spec, x, ws, bs, gammas, betas, p, seed, gy, lambda t: t.detach().double())
     own = run_reference(spec, x, ws, bs, gammas, betas, p, seed, gy, lambda t: t.detach().clone())
     acc = torch.float64 if dtype == torch.float64 else torch.float32
@@ -269,3 +279,54 @@ def test_emulator_catches_pipeline_faults_in_bn_kernels(emu, fault):
         emu.set_fault("")
     assert yf.isnan().any(), "forward"
     assert gxf.isnan().any(), "backward"
+
+
+# ---------------------------------------------------------------------------------------------
+# the same on the GPU
+# ---------------------------------------------------------------------------------------------
+def _gpu_ops():
+    return torch.cuda.is_available() and cuda_backend.has_cuda_kernels()
+
+
+GPU_CASES = CASES + [
+    (1024, 256, 128, 4, 62, 2, torch.bfloat16, 0.5, True, {}),   # the issue's head
+    (4096, 256, 128, 4, 62, 2, torch.float16, 0.0, True, {}),    # 64-row tiles
+    (1000, 45, 64, 6, 10, 2, torch.float32, 0.3, False, {}),
+]
+
+
+@pytest.mark.skipif(not _gpu_ops(), reason="needs a CUDA GPU and spinalkern._C with its kernels")
+@pytest.mark.parametrize("case", GPU_CASES, ids=case_id)
+def test_gpu_kernels_match_reference(case):
+    with knobs(case[9]):
+        check_against_reference(torch.ops.spinalkern.cuda_head_bn_forward,
+                                torch.ops.spinalkern.cuda_head_bn_backward, case, "cuda")
+
+
+@pytest.mark.skipif(not _gpu_ops(), reason="needs a CUDA GPU and spinalkern._C with its kernels")
+def test_gpu_graph_capture_replays_like_eager():
+    """Both ops captured in one CUDA graph (no host synchronisation): a replay on new inputs
+    gives exactly the eager results (the kernels are deterministic)."""
+    case = GPU_CASES[-3]
+    spec, x, ws, bs, gammas, betas, gy, seed = make_case(case)
+    x, ws, bs, gammas, betas, gy, seed = to("cuda", x, ws, bs, gammas, betas, gy, seed)
+    fwd = torch.ops.spinalkern.cuda_head_bn_forward
+    bwd = torch.ops.spinalkern.cuda_head_bn_backward
+
+    def step():
+        y, hidden, z, stats = fwd(x, ws, bs, gammas, betas, seed, 2, 0.5, EPS, True)
+        return (y, stats, *bwd(gy, x, ws, gammas, hidden, z, stats, seed, 2, 0.5))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    x.copy_(torch.randn_like(x))
+    seed.fill_(seed.item() + 1)
+    graph.replay()
+    want = step()
+    for a, b in zip(out, want):
+        assert torch.equal(a, b)
