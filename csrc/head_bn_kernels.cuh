@@ -7,9 +7,10 @@
 //   bn_forward_layer - one CTA per BM-row tile.  Prologue: builds its tile of u_L in shared
 //                      memory (x segment, and h_{L-1} = ReLU(gamma (z - mu) r + beta) computed
 //                      on the fly from the stored z and the previous statistics, dropout mask
-//                      applied; the output layer also writes hidden there); meanwhile the first
-//                      W_L tile is in flight (cp.async, two stages).  GEMM on the tensor cores
-//                      (WarpGemm, as the fused kernels).  Epilogue of a hidden layer: z_L (in x's
+//                      applied; the output layer also writes hidden there) and stages the
+//                      bias; meanwhile the first W_L tile is in flight (cp.async, two
+//                      stages).  GEMM on the tensor cores for fp16/bf16 (WarpGemm, as the
+//                      fused kernels).  Epilogue of a hidden layer: z_L (in x's
 //                      dtype) to global memory and, per column, the tile's mean and sum of
 //                      squared deviations (two passes over the tile in shared memory).
 //   bn_stats         - (hidden layers) one thread per column combines the tiles' (mean, M2) in

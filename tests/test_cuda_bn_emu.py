@@ -139,8 +139,16 @@ def check_against_reference(fwd, bwd, case, device="cpu"):
         assert e <= bound, f"{name}: relative error {e:.3g} > {bound:.3g}"
 
 
+# the CPU ops are fast: also larger heads (4 splits, 6 layers, B = 1000)
+CPU_CASES = CASES + [
+    (1000, 64, 128, 4, 62, 4, torch.float32, 0.0, True, {}),
+    (300, 90, 10, 6, 10, 2, torch.bfloat16, 0.3, True, {}),
+    (129, 45, 64, 1, 7, 1, torch.float16, 0.0, False, {}),
+]
+
+
 @needs_ext
-@pytest.mark.parametrize("case", CASES, ids=case_id)
+@pytest.mark.parametrize("case", CPU_CASES, ids=case_id)
 def test_cpu_ops_match_reference(case):
     check_against_reference(torch.ops.spinalkern.cuda_head_bn_forward,
                             torch.ops.spinalkern.cuda_head_bn_backward, case)
