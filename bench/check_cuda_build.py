@@ -10,7 +10,8 @@ LIB defaults to spinalkern/_C*.so.  Uses the cuobjdump shipped in triton's wheel
 * a LIB lacks SASS for an --arch (default 80 and 90), or PTX for a --ptx architecture;
 * any kernel has a stack frame or local memory (``--dump-resource-usage``): spilled registers
   live in the stack frame, so this asserts zero spill bytes;
-* in the SASS (``-sass``) of a forward, chain or weight-gradient kernel:
+* in the SASS (``-sass``) of a forward, chain or weight-gradient kernel (and of the fp16/bf16
+  BatchNorm layer kernels):
   - it has no *main loop*: an innermost loop (a backward branch's range) holding both the
     math (HMMA for fp16/bf16, FFMA/DFMA for fp32/fp64) and asynchronous 16-byte staging
     (LDGSTS, cp.async; or UTMALDG, TMA);
@@ -42,6 +43,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASELINE = os.path.join(ROOT, "results", "kernels", "cuda_sass.json")
 MAIN_LOOP_KERNELS = ("head_forward_kernel", "head_backward_chain_kernel",
                      "head_backward_wgrad_kernel")
+# Checked like those in their fp16/bf16 variants only: the fp32/fp64 variants compute the
+# BatchNorm normalisation (FFMA/DFMA) outside the GEMM, so the math-placement rule cannot apply.
+TC_MAIN_LOOP_KERNELS = ("bn_forward_layer_kernel", "bn_backward_layer_kernel")
 TC_TYPES = ("__half", "__nv_bfloat16")
 MATH = {"tc": re.compile(r"\bHMMA\b"), "simt": re.compile(r"\b[FD]FMA\b")}
 ASYNC = re.compile(r"\b(LDGSTS|UTMALDG)\b")
@@ -160,7 +164,8 @@ def analyse(kernel: str, instrs) -> dict:
             info["problems"].append(f"main loop {row['range']}: {row['ldg16']} scalar 16-bit global loads")
         if kind == "tc" and row["ldsm"] == 0:
             info["problems"].append(f"main loop {row['range']}: no LDSM fragment loads")
-    if not any(k in kernel for k in MAIN_LOOP_KERNELS):
+    if not (any(k in kernel for k in MAIN_LOOP_KERNELS)
+            or (kind == "tc" and any(k in kernel for k in TC_MAIN_LOOP_KERNELS))):
         info["main_loops"] = []
         return info
     if not main:

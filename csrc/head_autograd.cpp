@@ -11,6 +11,8 @@
 //             through z_i where h_i > 0), then torch::autograd::grad; the C++ twin of
 //             spinalkern.ops.differentiable_backward.
 //
+// The BatchNorm head's ops (cuda_head_bn_forward / _backward) are below, after the plain ones.
+//
 // spinalkern::cuda_head_backward itself is not differentiable: differentiating its outputs
 // raises an error that says what to do instead.  Fake (meta) implementations are in Python
 // (spinalkern/ops.py).  Nothing here synchronises with the device (CUDA-graph safe).
@@ -262,10 +264,160 @@ std::tuple<at::Tensor, at::Tensor> head_backward_autograd(
   return backward_op().call(grad_y, x, weights, hidden, seed, kind, num_splits, dropout);
 }
 
+// ---- the BatchNorm head (spinalkern::cuda_head_bn_forward) -----------------------------------
+// forward:  the op below autograd, always with save_for_backward=true when a graph is recorded
+//           (hidden, z and stats are what the backward needs; hidden and z are handed out only
+//           when the caller asked for them); saves x, hidden, z, stats, seed, the weights and
+//           gamma.
+// backward: spinalkern::cuda_head_bn_backward; dW_L, db_L are views of its flat grad_params,
+//           dgamma_i / dbeta_i views of grad_bn.  Differentiating it again is not supported
+//           (create_graph=True raises).
+using BnForwardFn = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, at::TensorList, at::TensorList, at::TensorList, at::TensorList,
+    const std::optional<at::Tensor>&, int64_t, double, double, bool);
+using BnBackwardFn = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, at::TensorList, at::TensorList, const at::Tensor&,
+    const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, int64_t, double);
+
+const c10::TypedOperatorHandle<BnForwardFn>& bn_forward_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("spinalkern::cuda_head_bn_forward", "")
+                             .typed<BnForwardFn>();
+  return op;
+}
+
+const c10::TypedOperatorHandle<BnBackwardFn>& bn_backward_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("spinalkern::cuda_head_bn_backward", "")
+                             .typed<BnBackwardFn>();
+  return op;
+}
+
+struct BnHeadForward : public torch::autograd::Function<BnHeadForward> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, at::TensorList weights,
+                               at::TensorList biases, at::TensorList bn_weights,
+                               at::TensorList bn_biases, const std::optional<at::Tensor>& seed,
+                               int64_t num_splits, double dropout, double eps,
+                               bool save_for_backward) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [y, hidden, z, stats] = bn_forward_op().call(x, weights, biases, bn_weights, bn_biases,
+                                                      seed, num_splits, dropout, eps, true);
+    ctx->saved_data["num_splits"] = num_splits;
+    ctx->saved_data["dropout"] = dropout;
+    ctx->saved_data["num_weights"] = (int64_t)weights.size();
+    variable_list keep{x, hidden, z, stats, seed.has_value() ? *seed : at::Tensor()};
+    keep.insert(keep.end(), weights.begin(), weights.end());
+    keep.insert(keep.end(), bn_weights.begin(), bn_weights.end());
+    ctx->save_for_backward(keep);
+    if (!save_for_backward) hidden = z = at::empty({0}, x.options());
+    ctx->mark_non_differentiable({hidden, z, stats});
+    ctx->set_materialize_grads(false);
+    return {y, hidden, z, stats};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    TORCH_CHECK(!at::GradMode::is_enabled(),
+                "spinalkern::cuda_head_bn_forward: differentiating its backward "
+                "(create_graph=True) is not supported for the BatchNorm head");
+    const int64_t num_splits = ctx->saved_data["num_splits"].toInt();
+    const double dropout = ctx->saved_data["dropout"].toDouble();
+    const int64_t num_weights = ctx->saved_data["num_weights"].toInt();
+    const variable_list saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &hidden = saved[1], &z = saved[2], &stats = saved[3],
+                     &seed = saved[4];
+    const std::vector<at::Tensor> weights(saved.begin() + 5, saved.begin() + 5 + num_weights);
+    const std::vector<at::Tensor> bn_weights(saved.begin() + 5 + num_weights, saved.end());
+    const at::Tensor& grad_y = grads[0];
+    // x, weights, biases, bn_weights, bn_biases (as many as bn_weights), then seed,
+    // num_splits, dropout, eps, save_for_backward (none)
+    const size_t num_grads = 1 + 2 * weights.size() + 2 * bn_weights.size() + 5;
+    variable_list out;
+    if (grad_y.defined()) {  // else y did not reach the loss: no gradients
+      auto [grad_x, flat, grad_bn] = bn_backward_op().call(grad_y, x, weights, bn_weights, hidden,
+                                                           z, stats, opt(seed), num_splits,
+                                                           dropout);
+      out.push_back(grad_x);
+      at::AutoDispatchBelowADInplaceOrView below;  // plain views, no graph recorded here
+      std::vector<at::Tensor> dbs;
+      int64_t off = flat.storage_offset();
+      for (const auto& w : weights) {
+        const int64_t N = w.size(0), K = w.size(1);
+        out.push_back(flat.as_strided({N, K}, {K, 1}, off));
+        dbs.push_back(flat.as_strided({N}, {1}, off + N * K));
+        off += N * K + N;
+      }
+      out.insert(out.end(), dbs.begin(), dbs.end());
+      for (int part : {0, 1})  // dgamma_i, then dbeta_i
+        for (size_t i = 0; i < bn_weights.size(); ++i) out.push_back(grad_bn[i][part]);
+    }
+    out.resize(num_grads);
+    return out;
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> head_bn_forward_autograd(
+    const at::Tensor& x, at::TensorList weights, at::TensorList biases, at::TensorList bn_weights,
+    at::TensorList bn_biases, const std::optional<at::Tensor>& seed, int64_t num_splits,
+    double dropout, double eps, bool save_for_backward) {
+  bool requires_grad = x.requires_grad();
+  for (at::TensorList ts : {weights, biases, bn_weights, bn_biases})
+    for (const auto& t : ts) requires_grad = requires_grad || t.requires_grad();
+  if (!at::GradMode::is_enabled() || !requires_grad) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return bn_forward_op().call(x, weights, biases, bn_weights, bn_biases, seed, num_splits,
+                                dropout, eps, save_for_backward);
+  }
+  variable_list out = BnHeadForward::apply(x, weights, biases, bn_weights, bn_biases, seed,
+                                           num_splits, dropout, eps, save_for_backward);
+  return {out[0], out[1], out[2], out[3]};
+}
+
+struct BnBackwardNotDifferentiable
+    : public torch::autograd::Function<BnBackwardNotDifferentiable> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& grad_y,
+                               const at::Tensor& x, at::TensorList weights,
+                               at::TensorList bn_weights, const at::Tensor& hidden,
+                               const at::Tensor& z, const at::Tensor& stats,
+                               const std::optional<at::Tensor>& seed, int64_t num_splits,
+                               double dropout) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [a, b, c] = bn_backward_op().call(grad_y, x, weights, bn_weights, hidden, z, stats, seed,
+                                           num_splits, dropout);
+    return {a, b, c};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    TORCH_CHECK(false, "spinalkern::cuda_head_bn_backward is not differentiable "
+                "(create_graph=True is not supported for the BatchNorm head)");
+    return {};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> head_bn_backward_autograd(
+    const at::Tensor& grad_y, const at::Tensor& x, at::TensorList weights,
+    at::TensorList bn_weights, const at::Tensor& hidden, const at::Tensor& z,
+    const at::Tensor& stats, const std::optional<at::Tensor>& seed, int64_t num_splits,
+    double dropout) {
+  bool requires_grad = grad_y.requires_grad() || x.requires_grad() || hidden.requires_grad() ||
+                       z.requires_grad() || stats.requires_grad();
+  for (at::TensorList ts : {weights, bn_weights})
+    for (const auto& t : ts) requires_grad = requires_grad || t.requires_grad();
+  if (at::GradMode::is_enabled() && requires_grad) {
+    variable_list out = BnBackwardNotDifferentiable::apply(grad_y, x, weights, bn_weights, hidden,
+                                                           z, stats, seed, num_splits, dropout);
+    return {out[0], out[1], out[2]};
+  }
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return bn_backward_op().call(grad_y, x, weights, bn_weights, hidden, z, stats, seed,
+                               num_splits, dropout);
+}
+
 }  // namespace
 }  // namespace spinalkern
 
 TORCH_LIBRARY_IMPL(spinalkern, Autograd, m) {
   m.impl("cuda_head_forward", &spinalkern::head_forward_autograd);
   m.impl("cuda_head_backward", &spinalkern::head_backward_autograd);
+  m.impl("cuda_head_bn_forward", &spinalkern::head_bn_forward_autograd);
+  m.impl("cuda_head_bn_backward", &spinalkern::head_bn_backward_autograd);
 }

@@ -17,6 +17,7 @@
 
 #include "op_checks.h"  // ATen first: the emulator's CUDA names are macros
 #include "head_backward_kernels.cuh"
+#include "head_bn_kernels.cuh"
 #include "head_forward_kernel.cuh"
 #include "head_misc_kernels.cuh"
 #include "head_plan.h"
@@ -78,7 +79,8 @@ inline DeviceInfo device_info(const at::Device& device) {
 // Debug/testing knobs (read on every call): SPINALKERN_CUDA_SMEM_LIMIT caps the shared memory
 // the kernels may use (forces the fallbacks: smaller tiles, operands in global memory),
 // SPINALKERN_CUDA_TILE_M / SPINALKERN_CUDA_CHAIN_TILE_M force the row tile of the forward /
-// chain kernel, SPINALKERN_CUDA_DW_CHUNK_ROWS the batch chunk of the weight-gradient kernel.
+// chain kernel, SPINALKERN_CUDA_BN_TILE_M that of the BatchNorm head's layer kernels,
+// SPINALKERN_CUDA_DW_CHUNK_ROWS the batch chunk of the weight-gradient kernel.
 inline int64_t env_int(const char* name, int64_t dflt) {
   const char* v = std::getenv(name);
   return (v != nullptr && *v != '\0') ? std::atoll(v) : dflt;
@@ -256,6 +258,10 @@ std::tuple<at::Tensor, at::Tensor> head_forward(
 
 // ---- backward ------------------------------------------------------------------------------
 template <typename T>
+void weight_grads_device(kern::BackwardParams<T>& p, const at::Tensor& grad_params,
+                         sk_stream_t stream, const DeviceInfo& info);
+
+template <typename T>
 void backward_device(const HeadDims& d, const at::Tensor& grad_y, const at::Tensor& x,
                      const std::vector<at::Tensor>& weights, const at::Tensor& hidden,
                      const std::optional<at::Tensor>& seed, const at::Tensor& grad_x,
@@ -295,12 +301,6 @@ void backward_device(const HeadDims& d, const at::Tensor& grad_y, const at::Tens
     p.gx_g = reinterpret_cast<A*>(gx_g.data_ptr());
   }
   p.grad_x = ptr<T>(grad_x);
-  p.num_params = grad_params.numel();
-  p.ldp = (p.num_params + kern::kVec<A> - 1) / kern::kVec<A> * kern::kVec<A>;
-  p.wg = kern::plan_wgrad<T>(d, info, p.ldp, env_int("SPINALKERN_CUDA_DW_CHUNK_ROWS", 0));
-  const at::Tensor partials = at::empty({p.wg.chunks, p.ldp}, x.options().dtype(acc_dtype));
-  p.partials = reinterpret_cast<A*>(partials.data_ptr());
-  p.grad_params = ptr<T>(grad_params);
 
   kern::with_chain_tile<T>(p.chain.bm, [&](auto BM) {
     auto kfn = kern::head_backward_chain_kernel<T, decltype(BM)::value>;
@@ -309,6 +309,22 @@ void backward_device(const HeadDims& d, const at::Tensor& grad_y, const at::Tens
               p.chain.smem.total, stream, p);
     launch_check();
   });
+  weight_grads_device<T>(p, grad_params, stream, info);
+}
+
+// dW_L, db_L from the dz workspace and the padded x / hidden of p (filled by the caller):
+// per-chunk partials (wgrad launch), then their fixed-order sum into grad_params (reduce).
+template <typename T>
+void weight_grads_device(kern::BackwardParams<T>& p, const at::Tensor& grad_params,
+                         sk_stream_t stream, const DeviceInfo& info) {
+  using A = acc_t<T>;
+  const at::ScalarType acc_dtype = std::is_same_v<A, double> ? at::kDouble : at::kFloat;
+  p.num_params = grad_params.numel();
+  p.ldp = (p.num_params + kern::kVec<A> - 1) / kern::kVec<A> * kern::kVec<A>;
+  p.wg = kern::plan_wgrad<T>(p.d, info, p.ldp, env_int("SPINALKERN_CUDA_DW_CHUNK_ROWS", 0));
+  const at::Tensor partials = at::empty({p.wg.chunks, p.ldp}, grad_params.options().dtype(acc_dtype));
+  p.partials = reinterpret_cast<A*>(partials.data_ptr());
+  p.grad_params = ptr<T>(grad_params);
   {
     auto kfn = kern::head_backward_wgrad_kernel<T>;
     prepare_launch(kfn, p.wg.smem.total);
@@ -348,6 +364,211 @@ std::tuple<at::Tensor, at::Tensor> head_backward(
                                                       grad_x, grad_params);
   });
   return {grad_x, grad_params};
+}
+
+// ---- the BatchNorm head (one launch per layer, see head_bn_kernels.cuh) ---------------------
+template <typename T, class F>
+void with_bn_tile(int bm, F&& f) {
+  using I16 = std::integral_constant<int, 16>;
+  using I64 = std::integral_constant<int, 64>;
+  if (bm == 16) return f(I16{});
+  if constexpr (!std::is_same_v<T, double>) {
+    if (bm == 64) return f(I64{});
+  }
+  TORCH_CHECK(false, "spinalkern: no ", kern::dtype_name<T>(), " BatchNorm kernels with ", bm,
+              "-row tiles");
+}
+
+// Largest dynamic shared memory of the BatchNorm layer launches with bm-row tiles.
+template <typename T>
+size_t bn_max_smem(const HeadDims& d, int bm) {
+  size_t m = 0;
+  for (int L = 0; L <= d.n; ++L)
+    m = std::max({m, kern::bn_smem<T>(d, L, bm, false).total, kern::bn_smem<T>(d, L, bm, true).total});
+  return m;
+}
+
+// Row tile of the BatchNorm layer launches (compiled: 16 and, except fp64, 64): 64 rows (each
+// CTA re-reads W_L from L2 four times less often) when that still gives at least half as many
+// CTAs as SMs and fits, else 16.  SPINALKERN_CUDA_BN_TILE_M forces one.
+template <typename T>
+int plan_bn_tile(const HeadDims& d, const DeviceInfo& info, size_t budget) {
+  const bool has64 = !std::is_same_v<T, double>;
+  int bm = (int)env_int("SPINALKERN_CUDA_BN_TILE_M", 0);
+  if (bm != 16 && !(bm == 64 && has64)) bm = 0;
+  if (bm == 0)
+    bm = has64 && kern::cdiv(d.B, 64) >= info.sms / 2 && bn_max_smem<T>(d, 64) <= budget ? 64 : 16;
+  TORCH_CHECK_VALUE(bn_max_smem<T>(d, bm) <= budget, "spinalkern: this head is too large for the "
+                    "BatchNorm kernels' shared memory (", budget, " bytes; widest layer input ",
+                    kern::max_k_pad(d), " columns): use backend='triton'");
+  return bm;
+}
+
+template <typename T>
+void bn_forward_device(const HeadDims& d, const at::Tensor& x, const std::vector<at::Tensor>& weights,
+                       const std::vector<at::Tensor>& biases, const std::vector<at::Tensor>& gammas,
+                       const std::vector<at::Tensor>& betas, const std::optional<at::Tensor>& seed,
+                       double eps, const at::Tensor& y, const at::Tensor& hidden,
+                       const at::Tensor& z, const at::Tensor& stats, bool save) {
+  using A = acc_t<T>;
+  const DeviceInfo info = device_info(x.device());
+  const sk_stream_t stream = current_stream(x.device());
+  kern::BnParams<T> p{};
+  Packer<T> pk;
+  padded_weights<T>(d, weights, pk, p.w);
+  pk.launch(stream, info);
+  p.x = ptr<const T>(x);
+  for (int L = 0; L <= d.n; ++L) p.b[L] = ptr<const T>(biases[L]);
+  for (size_t i = 0; i < gammas.size(); ++i) {
+    p.gamma[i] = ptr<const A>(gammas[i]);
+    p.beta[i] = ptr<const A>(betas[i]);
+  }
+  at::Tensor masks;
+  if (d.dropout) {
+    masks = dropout_masks(d, *seed, stream, info);
+    p.masks = reinterpret_cast<const uint32_t*>(masks.data_ptr<int32_t>());
+  }
+  p.y = ptr<T>(y);
+  p.hidden = save ? ptr<T>(hidden) : nullptr;
+  const at::Tensor zbuf = save ? z : at::empty({d.B, (int64_t)d.n * d.H}, x.options());
+  p.z = ptr<T>(zbuf);
+  p.stats = ptr<A>(stats);
+  p.eps = eps;
+  p.bm = plan_bn_tile<T>(d, info, smem_budget(info));
+  const int tiles = kern::cdiv(d.B, p.bm);
+  const at::Tensor part = at::empty({tiles, 2, (int64_t)d.H}, stats.options());
+  p.part = ptr<A>(part);
+  p.d = d;
+  with_bn_tile<T>(p.bm, [&](auto BM) {
+    auto kfn = kern::bn_forward_layer_kernel<T, decltype(BM)::value>;
+    prepare_launch(kfn, bn_max_smem<T>(d, BM));
+    for (int L = 0; L <= d.n; ++L) {
+      SK_LAUNCH(kfn, dim3(tiles), dim3(kern::kThreads), kern::bn_smem<T>(d, L, BM, false).total,
+                stream, p, L);
+      launch_check();
+      if (L < d.n) {
+        auto sfn = kern::bn_stats_kernel<T>;
+        SK_LAUNCH(sfn, dim3(kern::cdiv(d.H, kern::kThreads)), dim3(kern::kThreads), 0, stream, p, L);
+        launch_check();
+      }
+    }
+  });
+}
+
+template <typename Unused = void>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> head_bn_forward(
+    const char* op, const at::Tensor& x_, at::TensorList weights_, at::TensorList biases_,
+    at::TensorList bn_weights_, at::TensorList bn_biases_, const std::optional<at::Tensor>& seed,
+    int64_t num_splits, double dropout, double eps, bool save_for_backward) {
+  const HeadDims d = check_bn_forward_args(op, x_, weights_, biases_, bn_weights_, bn_biases_,
+                                           seed, num_splits, dropout, eps);
+  check_device(op, x_);
+#ifndef SK_EMU
+  const c10::cuda::CUDAGuard guard(x_.device());
+#endif
+  const at::Tensor x = x_.contiguous();
+  const auto weights = contiguous_all(weights_), biases = contiguous_all(biases_);
+  const auto gammas = contiguous_all(bn_weights_), betas = contiguous_all(bn_biases_);
+  const std::vector<int64_t> saved_shape =
+      save_for_backward ? std::vector<int64_t>{d.B, (int64_t)d.n * d.H} : std::vector<int64_t>{0};
+  at::Tensor y = at::empty({d.B, d.C}, x.options());
+  at::Tensor hidden = at::empty(saved_shape, x.options()), z = at::empty(saved_shape, x.options());
+  at::Tensor stats = at::empty({d.n, 3, d.H}, x.options().dtype(bn_acc_dtype(x)));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "head_bn_forward", [&] {
+    bn_forward_device<typename DevType<scalar_t>::type>(d, x, weights, biases, gammas, betas, seed,
+                                                        eps, y, hidden, z, stats,
+                                                        save_for_backward);
+  });
+  return {y, hidden, z, stats};
+}
+
+template <typename T>
+void bn_backward_device(const HeadDims& d, const at::Tensor& grad_y, const at::Tensor& x,
+                        const std::vector<at::Tensor>& weights,
+                        const std::vector<at::Tensor>& gammas, const at::Tensor& hidden,
+                        const at::Tensor& z, const at::Tensor& stats,
+                        const std::optional<at::Tensor>& seed, const at::Tensor& grad_x,
+                        const at::Tensor& grad_params, const at::Tensor& grad_bn) {
+  using A = acc_t<T>;
+  const DeviceInfo info = device_info(x.device());
+  const sk_stream_t stream = current_stream(x.device());
+  kern::BnParams<T> p{};
+  kern::BackwardParams<T> q{};  // for the weight-gradient launches
+  Packer<T> pk;
+  padded_weights<T>(d, weights, pk, q.w);
+  q.xu = d.seg % kern::kPad == 0 && aligned16(x) ? ptr<const T>(x)
+                                                  : pk.add(x, d.B, d.S, d.seg, 0, 1);
+  q.hu = d.H % kern::kPad == 0 && aligned16(hidden) ? ptr<const T>(hidden)
+                                                     : pk.add(hidden, d.B, 0, 1, d.n, d.H);
+  pk.launch(stream, info);
+  for (int L = 0; L <= d.n; ++L) p.w[L] = q.w[L];
+  for (size_t i = 0; i < gammas.size(); ++i) p.gamma[i] = ptr<const A>(gammas[i]);
+  at::Tensor masks;
+  if (d.dropout) {
+    masks = dropout_masks(d, *seed, stream, info);
+    p.masks = q.masks = reinterpret_cast<const uint32_t*>(masks.data_ptr<int32_t>());
+  }
+  p.grad_y = q.grad_y = ptr<const T>(grad_y);
+  p.hidden = ptr<T>(hidden);
+  q.hidden = p.hidden;
+  p.z = ptr<T>(z);
+  p.stats = ptr<A>(stats);
+  const at::Tensor dh = at::zeros({d.B, (int64_t)d.n * d.H}, stats.options());
+  const at::Tensor gx = at::zeros({d.B, (int64_t)d.D}, stats.options());
+  p.dh = ptr<A>(dh);
+  p.gx = ptr<A>(gx);
+  p.grad_x = ptr<T>(grad_x);
+  p.ldz = q.ldz = kern::h_pad_width(d) + pad16(d.C);
+  const at::Tensor dz = at::empty({d.B, (int64_t)p.ldz}, x.options());
+  p.dz = q.dz = ptr<T>(dz);
+  p.gbn = ptr<A>(grad_bn);
+  p.bm = plan_bn_tile<T>(d, info, smem_budget(info));
+  const int tiles = kern::cdiv(d.B, p.bm);
+  const at::Tensor part = at::empty({tiles, 2, (int64_t)d.H}, stats.options());
+  p.part = ptr<A>(part);
+  p.d = q.d = d;
+  with_bn_tile<T>(p.bm, [&](auto BM) {
+    auto kfn = kern::bn_backward_layer_kernel<T, decltype(BM)::value>;
+    prepare_launch(kfn, bn_max_smem<T>(d, BM));
+    for (int L = d.n; L >= 0; --L) {
+      SK_LAUNCH(kfn, dim3(tiles), dim3(kern::kThreads), kern::bn_smem<T>(d, L, BM, true).total,
+                stream, p, L);
+      launch_check();
+      if (L >= 1) {
+        auto sfn = kern::bn_grad_sums_kernel<T>;
+        SK_LAUNCH(sfn, dim3(kern::cdiv(d.H, kern::kThreads)), dim3(kern::kThreads), 0, stream, p,
+                  L - 1);
+        launch_check();
+      }
+    }
+  });
+  weight_grads_device<T>(q, grad_params, stream, info);
+}
+
+template <typename Unused = void>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> head_bn_backward(
+    const char* op, const at::Tensor& grad_y_, const at::Tensor& x_, at::TensorList weights_,
+    at::TensorList bn_weights_, const at::Tensor& hidden_, const at::Tensor& z_,
+    const at::Tensor& stats_, const std::optional<at::Tensor>& seed, int64_t num_splits,
+    double dropout) {
+  const HeadDims d = check_bn_backward_args(op, grad_y_, x_, weights_, bn_weights_, hidden_, z_,
+                                            stats_, seed, num_splits, dropout);
+  check_device(op, x_);
+#ifndef SK_EMU
+  const c10::cuda::CUDAGuard guard(x_.device());
+#endif
+  const at::Tensor x = x_.contiguous(), grad_y = grad_y_.contiguous(),
+                   hidden = hidden_.contiguous(), z = z_.contiguous(), stats = stats_.contiguous();
+  const auto weights = contiguous_all(weights_), gammas = contiguous_all(bn_weights_);
+  at::Tensor grad_x = at::empty({d.B, d.D}, x.options());
+  at::Tensor grad_params = at::empty({param_offset(d, d.n + 1)}, x.options());
+  at::Tensor grad_bn = at::empty({d.n, 2, d.H}, stats.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "head_bn_backward", [&] {
+    bn_backward_device<typename DevType<scalar_t>::type>(d, grad_y, x, weights, gammas, hidden, z,
+                                                         stats, seed, grad_x, grad_params,
+                                                         grad_bn);
+  });
+  return {grad_x, grad_params, grad_bn};
 }
 
 // ---- dropout mask (testing aid) ----------------------------------------------------------

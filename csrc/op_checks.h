@@ -131,6 +131,87 @@ inline void check_backward_tensors(const char* op, const HeadDims& d, const at::
   }
 }
 
+// ---- the BatchNorm ops (the spinal head only) ---------------------------------------------
+// Statistics, gamma/beta and their gradients are in the accumulation dtype: float64 for
+// float64 x, else float32.
+inline at::ScalarType bn_acc_dtype(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline void check_bn_batch(const char* op, const at::Tensor& x) {
+  TORCH_CHECK_VALUE(x.size(0) >= 2, op, ": training-mode BatchNorm needs more than 1 row per "
+                    "batch (the batch variance of one row is undefined), got x of shape ",
+                    shape_str(x));
+}
+
+// bn_weights / bn_biases: n (H,) tensors each, or both empty (affine=False).
+inline void check_bn_params(const char* op, const HeadDims& d, const at::Tensor& x,
+                            at::TensorList bn_weights, const at::TensorList* bn_biases) {
+  const at::ScalarType acc = bn_acc_dtype(x);
+  std::vector<std::pair<const char*, at::TensorList>> lists{{"bn_weights", bn_weights}};
+  if (bn_biases) lists.emplace_back("bn_biases", *bn_biases);
+  for (const auto& [name, ts] : lists) {
+    TORCH_CHECK_VALUE(ts.size() == 0 || (int64_t)ts.size() == d.n, op, ": ", name, " must hold ",
+                      d.n, " tensors (one per hidden layer) or none (affine=False), got ",
+                      ts.size());
+    for (size_t i = 0; i < ts.size(); ++i) {
+      TORCH_CHECK_VALUE(ts[i].dim() == 1 && ts[i].size(0) == d.H, op, ": ", name, "[", i,
+                        "] has shape ", shape_str(ts[i]), ", expected (", d.H, ",)");
+      TORCH_CHECK_TYPE(ts[i].scalar_type() == acc, op, ": ", name, "[", i, "] has dtype ",
+                       ts[i].scalar_type(), ", expected ", acc, " (BatchNorm parameters stay in ",
+                       acc, " for ", x.scalar_type(), " x)");
+      TORCH_CHECK_VALUE(ts[i].device() == x.device(), op, ": ", name, "[", i, "] is on ",
+                        ts[i].device(), " but x is on ", x.device());
+    }
+  }
+  if (bn_biases)
+    TORCH_CHECK_VALUE(bn_weights.size() == bn_biases->size(), op, ": got ", bn_weights.size(),
+                      " bn_weights but ", bn_biases->size(),
+                      " bn_biases (both n, or both empty for affine=False)");
+}
+
+// Every check of head_bn_forward; returns the head's sizes.
+inline HeadDims check_bn_forward_args(const char* op, const at::Tensor& x, at::TensorList weights,
+                                      at::TensorList biases, at::TensorList bn_weights,
+                                      at::TensorList bn_biases,
+                                      const std::optional<at::Tensor>& seed, int64_t num_splits,
+                                      double dropout, double eps) {
+  const HeadDims d = check_head_args(op, x, weights, seed, kSpinal, num_splits, dropout);
+  check_biases(op, x, weights, biases);
+  check_bn_batch(op, x);
+  check_bn_params(op, d, x, bn_weights, &bn_biases);
+  TORCH_CHECK_VALUE(eps > 0.0, op, ": eps must be positive, got ", eps);
+  return d;
+}
+
+// Every check of head_bn_backward; returns the head's sizes.
+inline HeadDims check_bn_backward_args(const char* op, const at::Tensor& grad_y,
+                                       const at::Tensor& x, at::TensorList weights,
+                                       at::TensorList bn_weights, const at::Tensor& hidden,
+                                       const at::Tensor& z, const at::Tensor& stats,
+                                       const std::optional<at::Tensor>& seed, int64_t num_splits,
+                                       double dropout) {
+  const HeadDims d = check_head_args(op, x, weights, seed, kSpinal, num_splits, dropout);
+  check_backward_tensors(op, d, x, grad_y, hidden);
+  check_bn_batch(op, x);
+  check_bn_params(op, d, x, bn_weights, nullptr);
+  TORCH_CHECK_VALUE(z.sizes() == hidden.sizes(), op, ": z has shape ", shape_str(z),
+                    ", expected ", shape_str(hidden),
+                    " (the forward must run with save_for_backward=True)");
+  TORCH_CHECK_TYPE(z.scalar_type() == x.scalar_type(), op, ": z has dtype ", z.scalar_type(),
+                   " but x has ", x.scalar_type());
+  TORCH_CHECK_VALUE(z.device() == x.device(), op, ": z is on ", z.device(), " but x is on ",
+                    x.device());
+  TORCH_CHECK_VALUE(stats.dim() == 3 && stats.size(0) == d.n && stats.size(1) == 3 &&
+                        stats.size(2) == d.H, op, ": stats has shape ", shape_str(stats),
+                    ", expected (", d.n, ", 3, ", d.H, ")");
+  TORCH_CHECK_TYPE(stats.scalar_type() == bn_acc_dtype(x), op, ": stats has dtype ",
+                   stats.scalar_type(), ", expected ", bn_acc_dtype(x));
+  TORCH_CHECK_VALUE(stats.device() == x.device(), op, ": stats is on ", stats.device(),
+                    " but x is on ", x.device());
+  return d;
+}
+
 inline std::vector<at::Tensor> contiguous_all(at::TensorList ts) {
   std::vector<at::Tensor> out;
   out.reserve(ts.size());

@@ -5,6 +5,8 @@
 //                                 save_hidden) -> (y, hidden)
 //   spinalkern::cuda_head_backward(grad_y, x, weights, hidden, seed, kind, num_splits,
 //                                  dropout) -> (grad_x, grad_params)
+//   spinalkern::cuda_head_bn_forward / cuda_head_bn_backward: the spinal head with training-mode
+//                                  BatchNorm1d after every hidden Linear (ops.define_bn_ops)
 //   spinalkern::cuda_keep_mask(seed, stream, rows, cols, p) -> bool mask (testing aid)
 // The CUDA implementations live in spinal_head_{forward,backward}.cu.  The CPU
 // implementation below is a second, independent implementation written row by row (it
@@ -17,6 +19,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <type_traits>
 #include <vector>
 
@@ -195,20 +198,48 @@ void forward_cpu(const HeadDims& d, const T* x, const std::vector<const T*>& W,
   });
 }
 
+// du = dz_L W_L of one row (a sum over the layer's outputs j, rows of W_L, kGroup at a time),
+// times the layer's dropout mask, added to the row's x gradient gxa and hidden gradient dh.
+template <typename T, typename A>
+void input_grad(const HeadDims& d, const LayerInfo& li, int row, uint64_t seed, const A* dz,
+                const T* W, VectorSum<A>& du, A* gxa, A* dh) {
+  du.reset(li.K);
+  for (int j = 0; j < li.N; j += kGroup) {
+    const int m = std::min(kGroup, li.N - j);
+    add_terms(du.block(), dz + j, W + (size_t)j * li.K, li.K, m, li.K);
+    du.next(m);
+  }
+  A* dus = du.total();
+  if (li.drop_x || li.drop_h) apply_dropout(d, li, row, seed, dus);
+  for (int c = 0; c < li.xw; ++c) gxa[li.xoff + c] += dus[c];
+  for (int c = 0; c < li.hw; ++c) dh[li.hoff + c] += dus[li.xw + c];
+}
+
+template <typename T, typename A>
+void weight_grads(const HeadDims& d, const std::vector<LayerInfo>& lis,
+                  const std::vector<int64_t>& uoff, const std::vector<int64_t>& zoff,
+                  const std::vector<A>& U, const std::vector<A>& DZ, T* gparams);
+
+// Every layer's LayerInfo and the offsets of u_L / dz_L in a row of the U / DZ buffers.
+inline void layer_offsets(const HeadDims& d, std::vector<LayerInfo>& lis,
+                          std::vector<int64_t>& uoff, std::vector<int64_t>& zoff) {
+  uoff.assign(d.n + 2, 0);
+  zoff.assign(d.n + 2, 0);
+  for (int L = 0; L <= d.n; ++L) {
+    lis[L] = layer_info(d, L);
+    uoff[L + 1] = uoff[L] + lis[L].K;
+    zoff[L + 1] = zoff[L] + lis[L].N;
+  }
+}
+
 template <typename T>
 void backward_cpu(const HeadDims& d, const T* gy, const T* x, const std::vector<const T*>& W,
                   const T* hidden, uint64_t seed, T* gx, T* gparams) {
   using A = cpu_acc_t<T>;
   const int n = d.n, nH = d.n * d.H;
   std::vector<LayerInfo> lis(n + 1);
-  std::vector<int64_t> uoff(n + 2, 0), zoff(n + 2, 0);
-  int maxK = 0;
-  for (int L = 0; L <= n; ++L) {
-    lis[L] = layer_info(d, L);
-    uoff[L + 1] = uoff[L] + lis[L].K;
-    zoff[L + 1] = zoff[L] + lis[L].N;
-    maxK = std::max(maxK, lis[L].K);
-  }
+  std::vector<int64_t> uoff, zoff;
+  layer_offsets(d, lis, uoff, zoff);
   const int64_t work = zoff[n + 1] == 0 ? 1 : uoff[n + 1] * zoff[n + 1] / (n + 1);
   // Per row: every layer's dropped input u_L and output gradient dz_L (needed for dW).
   std::vector<A> U((size_t)d.B * uoff[n + 1]), DZ((size_t)d.B * zoff[n + 1]);
@@ -233,24 +264,25 @@ void backward_cpu(const HeadDims& d, const T* gy, const T* x, const std::vector<
           // ReLU backward as torch: zero where the output is <= 0 (NaN passes the gradient)
           for (int j = 0; j < d.H; ++j) dz[j] = h[L * d.H + j] <= A(0) ? A(0) : dh[L * d.H + j];
         }
-        // du = dz_L W_L: a sum over the layer's outputs j (rows of W_L), kGroup at a time
-        du.reset(li.K);
-        for (int j = 0; j < li.N; j += kGroup) {
-          const int m = std::min(kGroup, li.N - j);
-          add_terms(du.block(), dz + j, W[L] + (size_t)j * li.K, li.K, m, li.K);
-          du.next(m);
-        }
-        A* dus = du.total();
-        if (li.drop_x || li.drop_h) apply_dropout(d, li, (int)row, seed, dus);
-        for (int c = 0; c < li.xw; ++c) gxa[li.xoff + c] += dus[c];
-        for (int c = 0; c < li.hw; ++c) dh[li.hoff + c] += dus[li.xw + c];
+        input_grad(d, li, (int)row, seed, dz, W[L], du, gxa.data(), dh.data());
       }
       for (int c = 0; c < d.D; ++c) gx[row * d.D + c] = (T)gxa[c];
     }
   });
-  // dW_L[j, :] = sum over rows of dz_L[row, j] * u_L[row, :] and db_L[j] = sum of dz_L[row, j]
-  // (element K of the same sum); one task per (L, j), rows summed in a fixed order, so the
-  // result does not depend on the number of threads.
+  weight_grads(d, lis, uoff, zoff, U, DZ, gparams);
+}
+
+// dW_L[j, :] = sum over rows of dz_L[row, j] * u_L[row, :] and db_L[j] = sum of dz_L[row, j]
+// (element K of the same sum); one task per (L, j), rows summed in a fixed order, so the
+// result does not depend on the number of threads.  U / DZ: every row's dropped layer inputs
+// u_L (at uoff[L]) and output gradients dz_L (at zoff[L]).
+template <typename T, typename A>
+void weight_grads(const HeadDims& d, const std::vector<LayerInfo>& lis,
+                  const std::vector<int64_t>& uoff, const std::vector<int64_t>& zoff,
+                  const std::vector<A>& U, const std::vector<A>& DZ, T* gparams) {
+  const int n = d.n;
+  int maxK = 0;
+  for (const auto& li : lis) maxK = std::max(maxK, li.K);
   std::vector<std::pair<int, int>> tasks;
   tasks.reserve(zoff[n + 1]);
   for (int L = 0; L <= n; ++L)
@@ -277,6 +309,213 @@ void backward_cpu(const HeadDims& d, const T* gy, const T* x, const std::vector<
       gparams[woff + (int64_t)li.N * li.K + j] = (T)sum[li.K];
     }
   });
+}
+
+// ---- training-mode BatchNorm (the spinal head) ------------------------------------------------
+// Layer by layer over the whole batch: z_i for every row, then its batch statistics (sums in
+// float64, rows in a fixed order), then h_i, which the next layer reads.  z and h are rounded
+// to x's dtype as the kernels store them; the statistics are those of the rounded z.
+template <typename T>
+void bn_forward_cpu(const HeadDims& d, const T* x, const std::vector<const T*>& W,
+                    const std::vector<const T*>& bias, const std::vector<const cpu_acc_t<T>*>& gamma,
+                    const std::vector<const cpu_acc_t<T>*>& beta, double eps, uint64_t seed, T* y,
+                    T* hidden, T* zout, cpu_acc_t<T>* stats) {
+  using A = cpu_acc_t<T>;
+  const int n = d.n, H = d.H, nH = d.n * d.H;
+  const int64_t B = d.B;
+  std::vector<LayerInfo> lis(n + 1);
+  int maxK = 0;
+  for (int L = 0; L <= n; ++L) {
+    lis[L] = layer_info(d, L);
+    maxK = std::max(maxK, lis[L].K);
+  }
+  std::vector<T> Z((size_t)B * nH);   // z_i, rounded
+  std::vector<A> Hs((size_t)B * nH);  // h_i, rounded, in the accumulation type
+  for (int L = 0; L <= n; ++L) {
+    const LayerInfo& li = lis[L];
+    at::parallel_for(0, B, grain_for((int64_t)li.K * li.N), [&](int64_t r0, int64_t r1) {
+      std::vector<A> u(maxK);
+      for (int64_t row = r0; row < r1; ++row) {
+        build_input<T, A>(d, li, (int)row, seed, x + row * d.D, &Hs[(size_t)row * nH], u.data());
+        for (int j = 0; j < li.N; ++j) {
+          const A z = dot_pairwise(u.data(), W[L] + (int64_t)j * li.K, li.K) + (A)bias[L][j];
+          if (L < n)
+            Z[(size_t)row * nH + L * H + j] = (T)z;
+          else
+            y[row * d.C + j] = (T)z;
+        }
+      }
+    });
+    if (L == n) break;
+    // batch mean, biased variance (two passes), r = 1/sqrt(var + eps), unbiased variance
+    A* st = stats + (int64_t)L * 3 * H;
+    at::parallel_for(0, H, grain_for(2 * B), [&](int64_t j0, int64_t j1) {
+      for (int64_t j = j0; j < j1; ++j) {
+        double s = 0.0, m2 = 0.0;
+        for (int64_t row = 0; row < B; ++row) s += (double)Z[(size_t)row * nH + L * H + j];
+        const double mean = s / (double)B;
+        for (int64_t row = 0; row < B; ++row) {
+          const double dv = (double)Z[(size_t)row * nH + L * H + j] - mean;
+          m2 += dv * dv;
+        }
+        st[j] = (A)mean;
+        st[H + j] = (A)(1.0 / std::sqrt(m2 / (double)B + eps));
+        st[2 * H + j] = (A)(m2 / (double)(B - 1));
+      }
+    });
+    at::parallel_for(0, B, grain_for(H), [&](int64_t r0, int64_t r1) {
+      for (int64_t row = r0; row < r1; ++row)
+        for (int j = 0; j < H; ++j) {
+          const size_t e = (size_t)row * nH + L * H + j;
+          A a = ((A)Z[e] - st[j]) * st[H + j];
+          if (!gamma.empty()) a = a * gamma[L][j] + beta[L][j];
+          Hs[e] = (A)(T)(a < A(0) ? A(0) : a);  // ReLU keeps NaN
+        }
+    });
+  }
+  if (hidden)
+    for (size_t e = 0; e < Hs.size(); ++e) hidden[e] = (T)Hs[e];
+  if (zout) std::copy(Z.begin(), Z.end(), zout);
+}
+
+// The backward, layer by layer from the output: dh_i is complete once layer i + 1 (and the
+// output layer) are done; da_i = dh_i where h_i > 0; its batch sums give dbeta_i = sum da_i,
+// dgamma_i = sum da_i xhat_i (float64, fixed row order) and
+// dz_i = gamma_i r_i (da_i - dbeta_i / B - xhat_i dgamma_i / B).
+template <typename T>
+void bn_backward_cpu(const HeadDims& d, const T* gy, const T* x, const std::vector<const T*>& W,
+                     const std::vector<const cpu_acc_t<T>*>& gamma, const T* hidden, const T* z,
+                     const cpu_acc_t<T>* stats, uint64_t seed, T* gx, T* gparams,
+                     cpu_acc_t<T>* gbn) {
+  using A = cpu_acc_t<T>;
+  const int n = d.n, H = d.H, nH = d.n * d.H;
+  const int64_t B = d.B;
+  std::vector<LayerInfo> lis(n + 1);
+  std::vector<int64_t> uoff, zoff;
+  layer_offsets(d, lis, uoff, zoff);
+  const int64_t ul = uoff[n + 1], zl = zoff[n + 1];
+  std::vector<A> U((size_t)B * ul), DZ((size_t)B * zl), DH((size_t)B * nH, A(0)),
+      GX((size_t)B * d.D, A(0));
+  at::parallel_for(0, B, grain_for(ul), [&](int64_t r0, int64_t r1) {
+    std::vector<A> h(nH);
+    for (int64_t row = r0; row < r1; ++row) {
+      for (int j = 0; j < nH; ++j) h[j] = (A)hidden[row * nH + j];
+      for (int L = 0; L <= n; ++L)
+        build_input<T, A>(d, lis[L], (int)row, seed, x + row * d.D, h.data(),
+                          &U[(size_t)row * ul + uoff[L]]);
+    }
+  });
+  auto da = [&](int64_t row, int L, int j) {  // ReLU backward as torch (NaN h passes)
+    const size_t e = (size_t)row * nH + L * H + j;
+    return (A)hidden[e] <= A(0) ? A(0) : DH[e];
+  };
+  for (int L = n; L >= 0; --L) {
+    const LayerInfo& li = lis[L];
+    if (L < n) {
+      const A* st = stats + (int64_t)L * 3 * H;
+      A* g = gbn + (int64_t)L * 2 * H;
+      at::parallel_for(0, H, grain_for(2 * B), [&](int64_t j0, int64_t j1) {
+        for (int64_t j = j0; j < j1; ++j) {
+          double s_da = 0.0, s_dax = 0.0;
+          for (int64_t row = 0; row < B; ++row) {
+            const double a = (double)da(row, L, (int)j);
+            s_da += a;
+            s_dax += a * ((double)z[row * nH + L * H + j] - (double)st[j]) * (double)st[H + j];
+          }
+          g[j] = (A)s_dax;
+          g[H + j] = (A)s_da;
+        }
+      });
+    }
+    at::parallel_for(0, B, grain_for((int64_t)li.K * li.N), [&](int64_t r0, int64_t r1) {
+      VectorSum<A> du;
+      for (int64_t row = r0; row < r1; ++row) {
+        A* dz = &DZ[(size_t)row * zl + zoff[L]];
+        if (L == n) {
+          for (int j = 0; j < d.C; ++j) dz[j] = (A)gy[row * d.C + j];
+        } else {
+          const A* st = stats + (int64_t)L * 3 * H;
+          const A* g = gbn + (int64_t)L * 2 * H;
+          for (int j = 0; j < H; ++j) {
+            const A xhat = ((A)z[row * nH + L * H + j] - st[j]) * st[H + j];
+            const A scale = (gamma.empty() ? A(1) : gamma[L][j]) * st[H + j];
+            dz[j] = scale * (da(row, L, j) - g[H + j] / (A)B - xhat * g[j] / (A)B);
+          }
+        }
+        input_grad(d, li, (int)row, seed, dz, W[L], du, &GX[(size_t)row * d.D],
+                   &DH[(size_t)row * nH]);
+      }
+    });
+  }
+  for (size_t e = 0; e < GX.size(); ++e) gx[e] = (T)GX[e];
+  weight_grads(d, lis, uoff, zoff, U, DZ, gparams);
+}
+
+template <typename A>
+std::vector<const A*> acc_ptrs(const std::vector<at::Tensor>& ts) {
+  std::vector<const A*> out;
+  for (const auto& t : ts) out.push_back(t.data_ptr<A>());
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> head_bn_forward_cpu(
+    const at::Tensor& x_, at::TensorList weights_, at::TensorList biases_,
+    at::TensorList bn_weights_, at::TensorList bn_biases_, const std::optional<at::Tensor>& seed,
+    int64_t num_splits, double dropout, double eps, bool save_for_backward) {
+  const char* op = "spinalkern::cuda_head_bn_forward";
+  const HeadDims d = check_bn_forward_args(op, x_, weights_, biases_, bn_weights_, bn_biases_,
+                                           seed, num_splits, dropout, eps);
+  TORCH_CHECK_VALUE(x_.device().is_cpu(), op, ": the CPU implementation got x on ", x_.device());
+  const at::Tensor x = x_.contiguous();
+  const auto weights = contiguous_all(weights_), biases = contiguous_all(biases_);
+  const auto gammas = contiguous_all(bn_weights_), betas = contiguous_all(bn_biases_);
+  const int64_t nH = (int64_t)d.n * d.H;
+  at::Tensor y = at::empty({d.B, d.C}, x.options());
+  const std::vector<int64_t> saved_shape =
+      save_for_backward ? std::vector<int64_t>{d.B, nH} : std::vector<int64_t>{0};
+  at::Tensor hidden = at::empty(saved_shape, x.options());
+  at::Tensor z = at::empty(hidden.sizes(), x.options());
+  at::Tensor stats = at::empty({d.n, 3, d.H}, x.options().dtype(bn_acc_dtype(x)));
+  const uint64_t s = seed_value(d, seed);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "head_bn_forward_cpu",
+                                  [&] {
+    using A = cpu_acc_t<scalar_t>;
+    bn_forward_cpu<scalar_t>(d, x.data_ptr<scalar_t>(), data_ptrs<scalar_t>(weights),
+                             data_ptrs<scalar_t>(biases), acc_ptrs<A>(gammas), acc_ptrs<A>(betas),
+                             eps, s, y.data_ptr<scalar_t>(),
+                             save_for_backward ? hidden.data_ptr<scalar_t>() : nullptr,
+                             save_for_backward ? z.data_ptr<scalar_t>() : nullptr,
+                             stats.data_ptr<A>());
+  });
+  return {y, hidden, z, stats};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> head_bn_backward_cpu(
+    const at::Tensor& grad_y_, const at::Tensor& x_, at::TensorList weights_,
+    at::TensorList bn_weights_, const at::Tensor& hidden_, const at::Tensor& z_,
+    const at::Tensor& stats_, const std::optional<at::Tensor>& seed, int64_t num_splits,
+    double dropout) {
+  const char* op = "spinalkern::cuda_head_bn_backward";
+  const HeadDims d = check_bn_backward_args(op, grad_y_, x_, weights_, bn_weights_, hidden_, z_,
+                                            stats_, seed, num_splits, dropout);
+  TORCH_CHECK_VALUE(x_.device().is_cpu(), op, ": the CPU implementation got x on ", x_.device());
+  const at::Tensor x = x_.contiguous(), grad_y = grad_y_.contiguous(),
+                   hidden = hidden_.contiguous(), z = z_.contiguous(), stats = stats_.contiguous();
+  const auto weights = contiguous_all(weights_), gammas = contiguous_all(bn_weights_);
+  at::Tensor grad_x = at::empty({d.B, d.D}, x.options());
+  at::Tensor grad_params = at::empty({param_offset(d, d.n + 1)}, x.options());
+  at::Tensor grad_bn = at::empty({d.n, 2, d.H}, stats.options());
+  const uint64_t s = seed_value(d, seed);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
+                                  "head_bn_backward_cpu", [&] {
+    using A = cpu_acc_t<scalar_t>;
+    bn_backward_cpu<scalar_t>(d, grad_y.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
+                              data_ptrs<scalar_t>(weights), acc_ptrs<A>(gammas),
+                              hidden.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(),
+                              stats.data_ptr<A>(), s, grad_x.data_ptr<scalar_t>(),
+                              grad_params.data_ptr<scalar_t>(), grad_bn.data_ptr<A>());
+  });
+  return {grad_x, grad_params, grad_bn};
 }
 
 std::tuple<at::Tensor, at::Tensor> head_forward_cpu(
@@ -363,6 +602,8 @@ TORCH_LIBRARY_FRAGMENT(spinalkern, m) {
 TORCH_LIBRARY_IMPL(spinalkern, CPU, m) {
   m.impl("cuda_head_forward", &spinalkern::head_forward_cpu);
   m.impl("cuda_head_backward", &spinalkern::head_backward_cpu);
+  m.impl("cuda_head_bn_forward", &spinalkern::head_bn_forward_cpu);
+  m.impl("cuda_head_bn_backward", &spinalkern::head_bn_backward_cpu);
   m.impl("cuda_keep_mask", &spinalkern::keep_mask_cpu);
 }
 

@@ -1,5 +1,6 @@
 // CUDA implementation of spinalkern::cuda_head_forward (one fused kernel launch per call, plus
-// a packing launch for heads whose widths are not multiples of 16), of the dropout-mask testing
+// a packing launch for heads whose widths are not multiples of 16), of the BatchNorm head's
+// forward (one launch per layer, head_bn_kernels.cuh), of the dropout-mask testing
 // op, and the launch-plan op (the kernels' tile sizes and shared-memory layouts for a head,
 // read by bench/check_cuda_build.py).  Kernels: head_*kernel*.cuh; host logic: head_launch.h.
 #include <torch/library.h>
@@ -16,6 +17,15 @@ std::tuple<at::Tensor, at::Tensor> head_forward_cuda(
     bool save_hidden) {
   return dev::head_forward<>("spinalkern::cuda_head_forward", x, weights, biases, seed, kind,
                              num_splits, dropout, save_hidden);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> head_bn_forward_cuda(
+    const at::Tensor& x, at::TensorList weights, at::TensorList biases, at::TensorList bn_weights,
+    at::TensorList bn_biases, const std::optional<at::Tensor>& seed, int64_t num_splits,
+    double dropout, double eps, bool save_for_backward) {
+  return dev::head_bn_forward<>("spinalkern::cuda_head_bn_forward", x, weights, biases,
+                                bn_weights, bn_biases, seed, num_splits, dropout, eps,
+                                save_for_backward);
 }
 
 at::Tensor keep_mask_cuda(const at::Tensor& seed, int64_t stream, int64_t rows, int64_t cols,
@@ -39,5 +49,6 @@ TORCH_LIBRARY_FRAGMENT(spinalkern, m) {
 
 TORCH_LIBRARY_IMPL(spinalkern, CUDA, m) {
   m.impl("cuda_head_forward", &spinalkern::head_forward_cuda);
+  m.impl("cuda_head_bn_forward", &spinalkern::head_bn_forward_cuda);
   m.impl("cuda_keep_mask", &spinalkern::keep_mask_cuda);
 }

@@ -2,7 +2,8 @@
 
 Importing this module never fails: when the extension is not built, :func:`available` is
 False and :func:`build_hint` says how to build it.  When it is built, loading it registers
-``torch.ops.spinalkern.cuda_head_forward`` / ``cuda_head_backward`` with their C++ CPU
+``torch.ops.spinalkern.cuda_head_forward`` / ``cuda_head_backward`` (and the BatchNorm head's
+``cuda_head_bn_forward`` / ``cuda_head_bn_backward``) with their C++ CPU
 implementation, their CUDA kernels (when the build had nvcc) and their autograd (in C++,
 csrc/head_autograd.cpp: backward runs in the C++ autograd engine); this module adds their
 fake (meta) implementations and registers the backend ``"cuda"`` in
@@ -25,9 +26,10 @@ if importlib.util.find_spec(f"{__package__}._C") is not None:
     except ImportError as e:  # e.g. built against another torch
         _import_error = e
 
-forward_op = None
+forward_op = bn_forward_op = None
 if _C is not None:
     forward_op = ops.register_fakes("cuda")
+    bn_forward_op = ops.register_bn_fakes("cuda")
 
     @torch.library.register_fake("spinalkern::cuda_keep_mask")
     def _keep_mask_fake(seed, stream, rows, cols, p):
@@ -70,4 +72,5 @@ def build_hint() -> str:
 
 
 BACKEND = _backends.register(_backends.Backend(
-    name="cuda", available=available_on, forward_op=forward_op, build_hint=build_hint))
+    name="cuda", available=available_on, forward_op=forward_op, bn_forward_op=bn_forward_op,
+    build_hint=build_hint))

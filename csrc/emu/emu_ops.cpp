@@ -1,6 +1,7 @@
 // The CUDA ops compiled for the CPU emulator (SK_EMU): the same host logic (head_launch.h) and
 // kernels (head_*kernel*.cuh) as spinal_head_{forward,backward}.cu, registered as
-// spinalkern_emu::{head_forward, head_backward, keep_mask, launch_plan} on CPU tensors, plus
+// spinalkern_emu::{head_forward, head_backward, head_bn_forward, head_bn_backward, keep_mask,
+// launch_plan} on CPU tensors, plus
 // set_fault (fault injection, see cuda_emu.h).  Built on demand by the tests
 // (torch.utils.cpp_extension.load); never shipped.
 #include <torch/library.h>
@@ -30,6 +31,25 @@ std::tuple<at::Tensor, at::Tensor> emu_backward(const at::Tensor& grad_y, const 
                                           hidden, seed, kind, num_splits, dropout);
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> emu_bn_forward(
+    const at::Tensor& x, at::TensorList weights, at::TensorList biases, at::TensorList bn_weights,
+    at::TensorList bn_biases, const std::optional<at::Tensor>& seed, int64_t num_splits,
+    double dropout, double eps, bool save_for_backward) {
+  return spinalkern::dev::head_bn_forward<>("spinalkern_emu::head_bn_forward", x, weights, biases,
+                                            bn_weights, bn_biases, seed, num_splits, dropout, eps,
+                                            save_for_backward);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> emu_bn_backward(
+    const at::Tensor& grad_y, const at::Tensor& x, at::TensorList weights,
+    at::TensorList bn_weights, const at::Tensor& hidden, const at::Tensor& z,
+    const at::Tensor& stats, const std::optional<at::Tensor>& seed, int64_t num_splits,
+    double dropout) {
+  return spinalkern::dev::head_bn_backward<>("spinalkern_emu::head_bn_backward", grad_y, x,
+                                             weights, bn_weights, hidden, z, stats, seed,
+                                             num_splits, dropout);
+}
+
 at::Tensor emu_keep_mask(const at::Tensor& seed, int64_t stream, int64_t rows, int64_t cols,
                          double p) {
   return spinalkern::dev::keep_mask<>("spinalkern_emu::keep_mask", seed, stream, rows, cols, p);
@@ -48,6 +68,8 @@ void emu_set_fault(const std::string& name) { sk_emu::set_fault(name); }
 TORCH_LIBRARY(spinalkern_emu, m) {
   m.def("head_forward" SK_HEAD_FORWARD_SCHEMA);
   m.def("head_backward" SK_HEAD_BACKWARD_SCHEMA);
+  m.def("head_bn_forward" SK_HEAD_BN_FORWARD_SCHEMA);
+  m.def("head_bn_backward" SK_HEAD_BN_BACKWARD_SCHEMA);
   m.def("keep_mask" SK_KEEP_MASK_SCHEMA);
   m.def("launch_plan" SK_LAUNCH_PLAN_SCHEMA, &emu_launch_plan);
   m.def("set_fault(str name) -> ()", &emu_set_fault);
@@ -56,5 +78,7 @@ TORCH_LIBRARY(spinalkern_emu, m) {
 TORCH_LIBRARY_IMPL(spinalkern_emu, CPU, m) {
   m.impl("head_forward", &emu_forward);
   m.impl("head_backward", &emu_backward);
+  m.impl("head_bn_forward", &emu_bn_forward);
+  m.impl("head_bn_backward", &emu_bn_backward);
   m.impl("keep_mask", &emu_keep_mask);
 }
