@@ -411,33 +411,31 @@ def _make_autograd(forward_op, backward_op):
     return setup_context, backward
 
 
-def differentiable_bn_backward(grad_y, x, weights, bn_weights, hidden, seed, num_splits,
-                               dropout, eps):
+def differentiable_bn_backward(grad_y, x, weights, biases, bn_weights, bn_biases, hidden, seed,
+                               num_splits, dropout, eps):
     """(grad_x, [dW_L], [db_L], [dgamma_i], [dbeta_i]) of the BN backward op with
     differentiable torch ops (``create_graph=True``): the forward is recomputed from the
     reference formulas with torch's batch_norm on the batch statistics and every h_i
-    teacher-forced to the saved activations, as in :func:`differentiable_backward`.  Neither
-    the biases nor the betas enter the backward; zeros stand in for them."""
+    teacher-forced to the saved activations, as in :func:`differentiable_backward`.  The
+    biases and betas take part as well (their values are forced away, but the first
+    derivatives depend on them through the activations)."""
     spec = check_backward_args(grad_y, x, weights, hidden, seed, 0, num_splits, dropout)
     with torch.enable_grad():
         leaves = [t if t.requires_grad else t.detach().requires_grad_()
-                  for t in (x, *weights, *bn_weights)]
-        n1, affine = len(weights), len(bn_weights) > 0
-        gammas = leaves[1 + n1:] if affine else [None] * spec.n
-        zeros = [w.new_zeros(w.shape[0]).requires_grad_() for w in weights]
-        betas = [g.new_zeros(g.shape).requires_grad_() for g in bn_weights]
+                  for t in (x, *weights, *biases, *bn_weights, *bn_biases)]
+        n1, nb = len(weights), len(bn_weights)
+        ws, bs = leaves[1:1 + n1], leaves[1 + n1:1 + 2 * n1]
+        gammas, betas = leaves[1 + 2 * n1:1 + 2 * n1 + nb], leaves[1 + 2 * n1 + nb:]
 
         def norm(i):
             return lambda z: torch.nn.functional.batch_norm(
-                z.to(bn_accumulation_dtype(x)), None, None, gammas[i],
-                betas[i] if affine else None, True, 0.0, eps).to(z.dtype)
-        y = reference_forward(spec, leaves[0], leaves[1:1 + n1], zeros, dropout,
-                              seed if dropout > 0.0 else None,
+                z.to(bn_accumulation_dtype(x)), None, None, gammas[i] if nb else None,
+                betas[i] if nb else None, True, 0.0, eps).to(z.dtype)
+        y = reference_forward(spec, leaves[0], ws, bs, dropout, seed if dropout > 0.0 else None,
                               norms=[norm(i) for i in range(spec.n)], hidden=hidden)
-        grads = torch.autograd.grad(y, leaves + zeros + betas, grad_y, create_graph=True)
-    g = list(grads)
-    nb = len(bn_weights)
-    return (g[0], g[1:1 + n1], g[1 + n1 + nb:1 + 2 * n1 + nb], g[1 + n1:1 + n1 + nb],
+        g = list(torch.autograd.grad(y, leaves, grad_y, create_graph=True, allow_unused=True))
+    g = [torch.zeros_like(t) if d is None else d for d, t in zip(g, leaves)]
+    return (g[0], g[1:1 + n1], g[1 + n1:1 + 2 * n1], g[1 + 2 * n1:1 + 2 * n1 + nb],
             g[1 + 2 * n1 + nb:])
 
 
@@ -469,27 +467,27 @@ def register_python_bn_autograd(backend: str):
         x, weights, biases, bn_weights, bn_biases, seed, num_splits, dropout, eps, save = inputs
         ctx.mark_non_differentiable(*output[1:])  # hidden, z, stats: by-products
         ctx.args = (num_splits, dropout, eps, save, len(weights), len(bn_weights))
+        params = (*weights, *biases, *bn_weights, *bn_biases)  # (the biases: for create_graph)
         if save:
-            ctx.save_for_backward(x, output[1], output[2], output[3], seed, *weights,
-                                  *bn_weights)
+            ctx.save_for_backward(x, seed, *params, *output[1:])
         else:  # backward recomputes hidden, z and stats with the forward op
-            ctx.save_for_backward(x, seed, *weights, *biases, *bn_weights, *bn_biases)
+            ctx.save_for_backward(x, seed, *params)
 
     def backward(ctx, grad_y, *unused):
         num_splits, dropout, eps, save, nw, nbn = ctx.args
+        x, seed, *saved = ctx.saved_tensors
+        weights, biases = saved[:nw], saved[nw:2 * nw]
+        bn_weights, bn_biases = saved[2 * nw:2 * nw + nbn], saved[2 * nw + nbn:2 * nw + 2 * nbn]
         if save:
-            x, hidden, z, stats, seed, *params = ctx.saved_tensors
-            weights, bn_weights = params[:nw], params[nw:]
+            hidden, z, stats = saved[2 * nw + 2 * nbn:]
         else:
-            x, seed, *params = ctx.saved_tensors
-            weights, biases = params[:nw], params[nw:2 * nw]
-            bn_weights, bn_biases = params[2 * nw:2 * nw + nbn], params[2 * nw + nbn:]
             with torch.no_grad():
                 _, hidden, z, stats = fwd(x, weights, biases, bn_weights, bn_biases, seed,
                                           num_splits, dropout, eps, True)
         if torch.is_grad_enabled():  # create_graph=True: a backward that is differentiable
             grad_x, dws, dbs, dgammas, dbetas = differentiable_bn_backward(
-                grad_y, x, weights, bn_weights, hidden, seed, num_splits, dropout, eps)
+                grad_y, x, weights, biases, bn_weights, bn_biases, hidden, seed, num_splits,
+                dropout, eps)
         else:
             grad_x, flat, grad_bn = bwd(grad_y, x, weights, bn_weights, hidden, z, stats, seed,
                                         num_splits, dropout)
@@ -498,8 +496,7 @@ def register_python_bn_autograd(backend: str):
             dws, dbs = split_grad_params(spec, flat)
             dgammas = list(grad_bn[:, 0]) if nbn else []
             dbetas = list(grad_bn[:, 1]) if nbn else []
-        return (grad_x, dws, dbs, dgammas or None, dbetas or None, None, None, None, None,
-                None)
+        return grad_x, dws, dbs, dgammas, dbetas, None, None, None, None, None
 
     torch.library.register_autograd(fwd, backward, setup_context=setup_context)
     torch.library.register_autograd(bwd, _backward_op_backward)
