@@ -485,3 +485,26 @@ def test_gpu_cuda_graph_replay_advances_running_stats(backend):
         check("running_mean", bn.running_mean, bn_e.running_mean, torch.float32)
         check("running_var", bn.running_var, bn_e.running_var, torch.float32)
     assert torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize("backend", BN_BACKENDS)
+def test_torch_compile_fullgraph_training_step(backend):
+    torch._dynamo.reset()
+    head, _ = make_heads(backend, momentum=None)
+    eager = copy.deepcopy(head)
+    compiled = torch.compile(head, fullgraph=True)
+    for step in range(2):
+        x = torch.randn(7, 38, device=DEVICE, requires_grad=True)
+        x_e = x.detach().clone().requires_grad_()
+        y, y_e = compiled(x), eager(x_e)
+        y.square().sum().backward()
+        y_e.square().sum().backward()
+        check("y", y, y_e, torch.float32)
+        check("grad x", x.grad, x_e.grad, torch.float32)
+    for (name, p), p_e in zip(head.named_parameters(), eager.parameters()):
+        if not (name.startswith("layers.") and name.endswith(".bias")):
+            check(f"grad {name}", p.grad, p_e.grad, torch.float32)
+    for bn, bn_e in zip(head.norms, eager.norms):
+        assert bn.num_batches_tracked.item() == bn_e.num_batches_tracked.item() == 2
+        check("running_mean", bn.running_mean, bn_e.running_mean, torch.float32)
+        check("running_var", bn.running_var, bn_e.running_var, torch.float32)
