@@ -35,9 +35,13 @@ from __future__ import annotations
 
 import torch
 
+from dataclasses import dataclass
+
 from . import _backends, ops
-from .rng import keep_threshold
+from .spec import HeadSpec
 from .triton_kernels import HAVE_TRITON
+from .triton_plan import _TL_DTYPE, Launch, _compute_dtype, _dot_precision, _layer_tiles, \
+    check_int32_sizes, default_config, dropout_scalars, sm_count, wgrad_splits
 
 if HAVE_TRITON:
     import triton
@@ -264,32 +268,134 @@ if HAVE_TRITON:
 
 
 # ---------------------------------------------------------------------------------------------
-# Launching
+# Launch plans (``spinalkern.triton_plan.Launch``: also what scripts/check_triton_kernels.py
+# compiles for sm_90)
 # ---------------------------------------------------------------------------------------------
-def _tiles(B: int):
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps) of every BN kernel.  The interpreter's cost is
-    per program and op, but CPU tests should still see several row tiles (the combining of
-    partials); on a GPU 64 x 64 output tiles."""
-    if _backends.interpreting():
-        return 32, 32, 32, 4
-    return 64, 64, 32, 4
+@dataclass
+class BNPlan:
+    fwd: list                # per hidden layer (linear, apply), then the output layer
+    bwd: list                # per hidden layer j = n-1 .. 0 (dgrad, dz), then dx
+    wgrad: Launch
+    reduce: Launch | None    # sums the weight-gradient slices when there are several
+    tiles: int               # row tiles (rows of the partial-statistics buffer)
+    HS: int                  # G's piece stride and row stride (16-column aligned pieces)
+    GS: int
+    acc_dtype: torch.dtype
+    thr_biased: int
+    scale: float
 
 
-def _consts(x):
-    from .triton_plan import _TL_DTYPE, _compute_dtype, _dot_precision
-    dtype = x.dtype
+def _tiles(interpreting: bool):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps) of every BN kernel: on a GPU 64 x 64 output
+    tiles; in the interpreter (whose cost is per program and op) 32-row tiles, so that CPU
+    tests with a few dozen rows still combine several row tiles' partials."""
+    return (32, 32, 32, 4) if interpreting else (64, 64, 32, 4)
+
+
+def build_bn_plan(spec: HeadSpec, dtype: torch.dtype, B: int, dropout: float, affine: bool,
+                  prec: str = "highest", sms: int = 1,
+                  interpreting: bool | None = None) -> BNPlan:
+    """The launches of the BN ops for one head, dtype, batch (B >= 2) and dropout."""
+    if interpreting is None:
+        interpreting = _backends.interpreting()
+    check_int32_sizes(spec)
+    n, H, C, D, S, SEG = spec.n, spec.H, spec.C, spec.D, spec.num_splits, spec.seg
+    NH = n * H
+    BM, BN, BK, warps = _tiles(interpreting)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
+    drop = dropout > 0.0
+    thr, scale = dropout_scalars(dropout)
+    num = dict(CDT=_compute_dtype(dtype, interpreting), ACC_DT=_TL_DTYPE[acc],
+               DOT_PREC=_dot_precision(dtype, prec))
+    seed_dt = torch.int64 if drop else dtype  # without dropout the launcher passes x
+    dts = {"x_ptr": dtype, "hid_ptr": dtype, "w_ptr": dtype, "b_ptr": dtype, "out_ptr": dtype,
+           "z_ptr": dtype, "dy_ptr": dtype, "g_ptr": dtype, "w_out_ptr": dtype,
+           "w_next_ptr": dtype, "dx_ptr": dtype, "w_ptrs": (dtype,) * n, "seed_ptr": seed_dt,
+           "part_ptr": acc, "gamma_ptr": acc, "beta_ptr": acc, "stats_ptr": acc,
+           "gbn_ptr": acc}
+    # (eps is a run-time float of each call: 1e-5 stands in for it, for the checker)
+    scalars = {"B": B, "thr_biased": thr, "scale": scale, "eps": 1e-5}
+    tiles = -(-B // BM)
+    cols = lambda width: -(-width // BN)  # noqa: E731
+
+    def launch(name, kernel, grid, params, consts, dtypes=dts, extra=None, w=warps, st=2):
+        return Launch(name, kernel, grid, params, {p: dtypes[p] for p in params if p in dtypes},
+                      {**scalars, **(extra or {})}, consts, w, st)
+
+    lin_params = ("x_ptr", "hid_ptr", "w_ptr", "b_ptr", "seed_ptr", "out_ptr", "part_ptr", "B",
+                  "thr_biased", "scale")
+    lin = dict(num, D=D, NH=NH, DROPOUT=drop, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK)
+    fwd = []
+    for L in range(n):
+        fwd.append(launch(f"linear{L}", bn_linear_kernel, (tiles, cols(H), 1), lin_params,
+                          dict(lin, XOFF=spec.x_offset(L), XW=SEG, HOFF=spec.h_offset(L),
+                               HW=spec.h_width(L), N=H, OUT_STRIDE=NH, OUT_COL0=L * H,
+                               STREAM=L, STATS=True)))
+        fwd.append(launch(f"apply{L}", bn_apply_kernel, (tiles, cols(H), 1),
+                          ("z_ptr", "part_ptr", "gamma_ptr", "beta_ptr", "stats_ptr", "hid_ptr",
+                           "B", "eps"),
+                          dict(NH=NH, COL0=L * H, H=H, AFFINE=affine, PART_ROWS=BM,
+                               ACC_DT=num["ACC_DT"], BLOCK_M=BM, BLOCK_N=BN)))
+    fwd.append(launch("linear_out", bn_linear_kernel, (tiles, cols(C), 1), lin_params,
+                      dict(lin, XOFF=0, XW=0, HOFF=0, HW=NH, N=C, OUT_STRIDE=C, OUT_COL0=0,
+                           STREAM=n, STATS=False)))
+    HS = -(-H // 16) * 16
+    GS = n * HS + -(-C // 16) * 16
+    bwd = []
+    for j in range(n - 1, -1, -1):
+        bwd.append(launch(f"dgrad{j}", bn_dgrad_kernel, (tiles, cols(H), 1),
+                          ("dy_ptr", "g_ptr", "w_out_ptr", "w_next_ptr", "hid_ptr", "z_ptr",
+                           "stats_ptr", "seed_ptr", "part_ptr", "B", "thr_biased", "scale"),
+                          dict(num, J=j, N_LAYERS=n, H=H, C=C, SEG=SEG, HS=HS, GS=GS,
+                               DROPOUT=drop, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK)))
+        bwd.append(launch(f"dz{j}", bn_dz_kernel, (tiles, cols(H), 1),
+                          ("g_ptr", "z_ptr", "stats_ptr", "gamma_ptr", "part_ptr", "gbn_ptr",
+                           "B"),
+                          dict(J=j, N_LAYERS=n, H=H, HS=HS, GS=GS, AFFINE=affine,
+                               PART_ROWS=BM, ACC_DT=num["ACC_DT"], BLOCK_M=BM, BLOCK_N=BN)))
+    bwd.append(launch("dx", bn_dx_kernel, (tiles, cols(SEG), S),
+                      ("g_ptr", "w_ptrs", "seed_ptr", "dx_ptr", "B", "thr_biased", "scale"),
+                      dict(num, N_LAYERS=n, D=D, H=H, S=S, HS=HS, GS=GS, DROPOUT=drop,
+                           BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK)))
+    # the weight gradients: the plain head's kernels, reading G
+    wc = default_config(spec, dtype, B, drop, interpreting).wgrad
+    splits, rows = wgrad_splits(spec, B, wc, sms, interpreting)
+    total = spec.num_params()
+    wgrad = launch("wgrad", K.wgrad_kernel, (n + 1, _layer_tiles(spec, wc), splits),
+                   ("g_ptr", "x_ptr", "hid_ptr", "seed_ptr", "out_ptr", "B", "rows_per_split",
+                    "thr_biased", "scale"),
+                   dict(num, KIND=0, N_LAYERS=n, D=D, H=H, C=C, S=S, HS=HS, GS=GS, TOTAL=total,
+                        DROPOUT=drop, BLOCK_M=wc.block_m, BLOCK_N=wc.block_n,
+                        BLOCK_K=wc.block_k),
+                   dtypes={**dts, "out_ptr": acc if splits > 1 else dtype},
+                   extra={"rows_per_split": rows}, w=wc.num_warps, st=wc.num_stages)
+    reduce = None
+    if splits > 1:
+        reduce = Launch("reduce", K.reduce_kernel, (-(-total // 1024), 1, 1),
+                        ("part_ptr", "out_ptr"), {"part_ptr": acc, "out_ptr": dtype}, {},
+                        dict(TOTAL=total, SPLITS=splits, BLOCK=1024), 4, 2)
+    return BNPlan(fwd, bwd, wgrad, reduce, tiles, HS, GS, acc, thr, scale)
+
+
+_PLANS: dict = {}
+
+
+def bn_plan_for(spec, dtype, B, dropout, affine, device) -> BNPlan:
+    """The cached plan of one call."""
     prec = torch.get_float32_matmul_precision() if dtype == torch.float32 else "highest"
-    return dict(CDT=_compute_dtype(dtype, _backends.interpreting()), ACC_DT=_TL_DTYPE[acc],
-                DOT_PREC=_dot_precision(dtype, prec)), acc
+    key = (spec, dtype, B, dropout, affine, device, prec)
+    plan = _PLANS.get(key)
+    if plan is None:
+        if len(_PLANS) > 512:  # e.g. many distinct batch sizes: start over
+            _PLANS.clear()
+        plan = _PLANS[key] = build_bn_plan(spec, dtype, B, dropout, affine, prec,
+                                           sm_count(device))
+    return plan
 
 
-def _dropout_args(dropout: float):
-    if dropout == 0.0:
-        return -2 ** 31, 1.0
-    return keep_threshold(dropout) - 2 ** 31, 1.0 / (1.0 - dropout)
-
-
+# ---------------------------------------------------------------------------------------------
+# The ops' implementations
+# ---------------------------------------------------------------------------------------------
 def _check_triton_args(x):
     if not (x.is_cuda or (x.device.type == "cpu" and _backends.interpreting())):
         raise RuntimeError("the Triton backend needs CUDA tensors (or TRITON_INTERPRET=1)")
@@ -297,43 +403,30 @@ def _check_triton_args(x):
 
 def head_bn_forward(x, weights, biases, bn_weights, bn_biases, seed, num_splits, dropout, eps,
                     save_for_backward):
-    spec = ops.check_bn_forward_args(x, weights, biases, bn_weights, bn_biases, seed, num_splits,
-                                 dropout, eps)
+    from .triton_head import run_launch  # (that module imports this one)
+    spec = ops.check_bn_forward_args(x, weights, biases, bn_weights, bn_biases, seed,
+                                     num_splits, dropout, eps)
     _check_triton_args(x)
-    B, n, H, C, D, SEG = x.shape[0], spec.n, spec.H, spec.C, spec.D, spec.seg
-    NH = n * H
-    consts, acc = _consts(x)
-    BM, BN, BK, warps = _tiles(B)
+    B, n, H = x.shape[0], spec.n, spec.H
+    affine = len(bn_weights) > 0
+    plan = bn_plan_for(spec, x.dtype, B, dropout, affine, x.device)
+    # ops accept any strides: inputs are made contiguous here (the kernels assume row-major)
     x = x.contiguous()
     ws = [w.contiguous() for w in weights]
     bs = [b.contiguous() for b in biases]
-    gammas = [t.contiguous() for t in bn_weights]
-    betas = [t.contiguous() for t in bn_biases]
-    affine = len(gammas) > 0
-    y = torch.empty((B, C), dtype=x.dtype, device=x.device)
-    hidden = torch.empty((B, NH), dtype=x.dtype, device=x.device)
-    z = torch.empty((B, NH), dtype=x.dtype, device=x.device)
-    stats = torch.empty((n, 3, H), dtype=acc, device=x.device)
-    tiles = triton.cdiv(B, BM)
-    part = torch.empty((tiles, 2, H), dtype=acc, device=x.device)
-    thr, scale = _dropout_args(dropout)
+    y = torch.empty((B, spec.C), dtype=x.dtype, device=x.device)
+    hidden = torch.empty((B, n * H), dtype=x.dtype, device=x.device)
+    z = torch.empty((B, n * H), dtype=x.dtype, device=x.device)
+    stats = torch.empty((n, 3, H), dtype=plan.acc_dtype, device=x.device)
+    part = torch.empty((plan.tiles, 2, H), dtype=plan.acc_dtype, device=x.device)
     seed_arg = seed if seed is not None else x
-    common = dict(DROPOUT=dropout > 0.0, num_warps=warps, **consts)
+    thr, scale = plan.thr_biased, plan.scale
     for L in range(n):
-        bn_linear_kernel[(tiles, triton.cdiv(H, BN))](
-            x, hidden, ws[L], bs[L], seed_arg, z, part, B, thr, scale, D=D, NH=NH,
-            XOFF=spec.x_offset(L), XW=SEG, HOFF=spec.h_offset(L), HW=spec.h_width(L), N=H,
-            OUT_STRIDE=NH, OUT_COL0=L * H, STREAM=L, STATS=True, BLOCK_M=BM, BLOCK_N=BN,
-            BLOCK_K=BK, **common)
-        gamma, beta = (gammas[L], betas[L]) if affine else (stats, stats)  # (unused)
-        bn_apply_kernel[(tiles, triton.cdiv(H, BN))](
-            z, part, gamma, beta, stats[L], hidden, B, eps, NH=NH, COL0=L * H, H=H,
-            AFFINE=affine, PART_ROWS=BM, ACC_DT=consts["ACC_DT"], BLOCK_M=BM, BLOCK_N=BN,
-            num_warps=warps)
-    bn_linear_kernel[(tiles, triton.cdiv(C, BN))](
-        x, hidden, ws[n], bs[n], seed_arg, y, part, B, thr, scale, D=D, NH=NH, XOFF=0, XW=0,
-        HOFF=0, HW=NH, N=C, OUT_STRIDE=C, OUT_COL0=0, STREAM=n, STATS=False, BLOCK_M=BM,
-        BLOCK_N=BN, BLOCK_K=BK, **common)
+        gamma, beta = ((bn_weights[L].contiguous(), bn_biases[L].contiguous()) if affine
+                       else (stats, stats))  # (not read without affine)
+        run_launch(plan.fwd[2 * L], (x, hidden, ws[L], bs[L], seed_arg, z, part, B, thr, scale))
+        run_launch(plan.fwd[2 * L + 1], (z, part, gamma, beta, stats[L], hidden, B, eps))
+    run_launch(plan.fwd[2 * n], (x, hidden, ws[n], bs[n], seed_arg, y, part, B, thr, scale))
     if not save_for_backward:
         hidden = z = torch.empty((0,), dtype=x.dtype, device=x.device)
     return y, hidden, z, stats
@@ -341,55 +434,37 @@ def head_bn_forward(x, weights, biases, bn_weights, bn_biases, seed, num_splits,
 
 def head_bn_backward(grad_y, x, weights, bn_weights, hidden, z, stats, seed, num_splits,
                      dropout):
-    from .triton_plan import _layer_tiles, default_config, sm_count, wgrad_splits
+    from .triton_head import run_launch  # (that module imports this one)
     spec = ops.check_bn_backward_args(grad_y, x, weights, bn_weights, hidden, z, stats, seed,
-                                  num_splits, dropout)
+                                      num_splits, dropout)
     _check_triton_args(x)
-    B, n, H, C, D, S = x.shape[0], spec.n, spec.H, spec.C, spec.D, spec.num_splits
-    consts, acc = _consts(x)
-    BM, BN, BK, warps = _tiles(B)
-    grad_y, x, hidden, z = grad_y.contiguous(), x.contiguous(), hidden.contiguous(), \
-        z.contiguous()
+    B, n, H = x.shape[0], spec.n, spec.H
+    affine = len(bn_weights) > 0
+    plan = bn_plan_for(spec, x.dtype, B, dropout, affine, x.device)
+    grad_y, x, hidden, z = (t.contiguous() for t in (grad_y, x, hidden, z))
     stats = stats.contiguous()
     ws = [w.contiguous() for w in weights]
-    gammas = [t.contiguous() for t in bn_weights]
-    affine = len(gammas) > 0
-    HS = -(-H // 16) * 16  # G = [dz_0 | ... | dz_{n-1} | dy], pieces 16-column aligned
-    GS = n * HS + -(-C // 16) * 16
-    g = torch.empty((B, GS), dtype=x.dtype, device=x.device)
+    g = torch.empty((B, plan.GS), dtype=x.dtype, device=x.device)
     grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    grad_bn = torch.empty((n, 2, H), dtype=acc, device=x.device)
-    tiles = triton.cdiv(B, BM)
-    part = torch.empty((tiles, 2, H), dtype=acc, device=x.device)
-    thr, scale = _dropout_args(dropout)
+    grad_bn = torch.empty((n, 2, H), dtype=plan.acc_dtype, device=x.device)
+    part = torch.empty((plan.tiles, 2, H), dtype=plan.acc_dtype, device=x.device)
     seed_arg = seed if seed is not None else x
-    drop = dropout > 0.0
-    for j in range(n - 1, -1, -1):
-        bn_dgrad_kernel[(tiles, triton.cdiv(H, BN))](
-            grad_y, g, ws[n], ws[min(j + 1, n - 1)], hidden, z, stats[j], seed_arg, part, B,
-            thr, scale, J=j, N_LAYERS=n, H=H, C=C, SEG=spec.seg, HS=HS, GS=GS, DROPOUT=drop,
-            BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, num_warps=warps, **consts)
-        bn_dz_kernel[(tiles, triton.cdiv(H, BN))](
-            g, z, stats[j], gammas[j] if affine else stats, part, grad_bn[j], B, J=j,
-            N_LAYERS=n, H=H, HS=HS, GS=GS, AFFINE=affine, PART_ROWS=BM,
-            ACC_DT=consts["ACC_DT"], BLOCK_M=BM, BLOCK_N=BN, num_warps=warps)
-    bn_dx_kernel[(tiles, triton.cdiv(spec.seg, BN), S)](
-        g, tuple(ws[:n]), seed_arg, grad_x, B, thr, scale, N_LAYERS=n, D=D, H=H, S=S, HS=HS,
-        GS=GS, DROPOUT=drop, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, num_warps=warps, **consts)
-    # the weight gradients: the plain head's kernels, on G
-    wc = default_config(spec, x.dtype, B).wgrad
-    splits, rows = wgrad_splits(spec, B, wc, sm_count(x.device), _backends.interpreting())
+    thr, scale = plan.thr_biased, plan.scale
+    for k, j in enumerate(range(n - 1, -1, -1)):
+        gamma = bn_weights[j].contiguous() if affine else stats  # (not read without affine)
+        run_launch(plan.bwd[2 * k], (grad_y, g, ws[n], ws[min(j + 1, n - 1)], hidden, z,
+                                     stats[j], seed_arg, part, B, thr, scale))
+        run_launch(plan.bwd[2 * k + 1], (g, z, stats[j], gamma, part, grad_bn[j], B))
+    run_launch(plan.bwd[2 * n], (g, tuple(ws[:n]), seed_arg, grad_x, B, thr, scale))
     total = spec.num_params()
     grad_params = torch.empty((total,), dtype=ws[0].dtype, device=x.device)
-    out = grad_params if splits == 1 else torch.empty((splits, total), dtype=acc,
-                                                      device=x.device)
-    K.wgrad_kernel[(n + 1, _layer_tiles(spec, wc), splits)](
-        g, x, hidden, seed_arg, out, B, rows, thr, scale, KIND=0, N_LAYERS=n, D=D, H=H, C=C,
-        S=S, HS=HS, GS=GS, TOTAL=total, DROPOUT=drop, BLOCK_M=wc.block_m, BLOCK_N=wc.block_n,
-        BLOCK_K=wc.block_k, num_warps=wc.num_warps, num_stages=wc.num_stages, **consts)
-    if splits > 1:
-        K.reduce_kernel[(triton.cdiv(total, 1024),)](out, grad_params, TOTAL=total,
-                                                      SPLITS=splits, BLOCK=1024)
+    splits = plan.wgrad.grid[2]
+    out = grad_params if plan.reduce is None else torch.empty(
+        (splits, total), dtype=plan.acc_dtype, device=x.device)
+    run_launch(plan.wgrad, (g, x, hidden, seed_arg, out, B,
+                            plan.wgrad.scalars["rows_per_split"], thr, scale))
+    if plan.reduce is not None:
+        run_launch(plan.reduce, (out, grad_params))
     return grad_x, grad_params, grad_bn
 
 
