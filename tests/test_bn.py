@@ -302,6 +302,38 @@ def test_opcheck(backend):
                                 [g.detach() for g in gammas], hidden, z, stats, seed, 2, 0.25))
 
 
+def test_triton_launcher_passes_what_the_plan_describes(monkeypatch):
+    """Every BN launch gets exactly its plan's runtime parameters, tensors of the plan's
+    dtypes (eps aside: a run-time float), so scripts/check_triton_kernels.py, which compiles
+    from the plan, compiles what runs."""
+    if "triton" not in BN_BACKENDS:
+        pytest.skip("the Triton backend does not run here")
+    from spinalkern import triton_head
+    seen = []
+    real = triton_head.run_launch
+
+    def spy(launch, args):
+        seen.append(launch.name)
+        assert len(args) == len(launch.params)
+        for name, a in zip(launch.params, args):
+            want = launch.tensor_dtypes.get(name)
+            if isinstance(want, tuple):
+                assert tuple(t.dtype for t in a) == want, name
+            elif want is not None:
+                assert a.dtype == want, name
+            elif name != "eps":
+                assert a == launch.scalars[name], name
+        return real(launch, args)
+
+    monkeypatch.setattr(triton_head, "run_launch", spy)
+    spec = HeadSpec("spinal", 6, 4, 2, 3, 2)
+    x, ws, bs, gammas, betas = make_inputs(spec, 300, torch.float32)  # two wgrad slices
+    seed = new_seed(DEVICE)
+    run_fused("triton", spec, x, ws, bs, gammas, betas, 0.5, seed, torch.randn(300, 3))
+    assert seen == ["linear0", "apply0", "linear1", "apply1", "linear_out",
+                    "dgrad1", "dz1", "dgrad0", "dz0", "dx", "wgrad", "reduce"]
+
+
 # -- the module -----------------------------------------------------------------------------------
 def make_heads(backend, dropout=0.0, affine=True, momentum=0.1, track=True):
     """A fused SpinalHead and its float64 eager copy, with non-trivial gamma/beta."""
