@@ -5,12 +5,12 @@ and report what each compiled kernel uses; fail if any spills registers.
 
 For every checked configuration (heads with aligned and unaligned widths, including a wide one
 that takes the chunked kernels; bf16 / fp16 / fp32; a training and a large batch; dropout off
-and on; one call whose input starts off a 16-byte boundary; the training-mode BatchNorm ops) the launch plan of
-``spinalkern.triton_plan`` is built as the launcher builds it, and each of its launches is bound
-by Triton's own argument binder (stand-ins with the plan's dtypes and data-pointer alignment
-play the tensors), so the signature, constexprs and specialisation attributes
-(``tt.divisibility``) are the ones the JIT would compile on a GPU.  The tuning table's
-configurations are checked the same way.
+and on; one call whose input starts off a 16-byte boundary; the training-mode BatchNorm ops)
+the launch plan (``spinalkern.triton_plan``, ``spinalkern.triton_bn``) is built as the
+launcher builds it, and each of its launches is bound by Triton's own argument binder
+(stand-ins with the plan's dtypes and data-pointer alignment play the tensors), so the
+signature, constexprs and specialisation attributes (``tt.divisibility``) are the ones the JIT
+would compile on a GPU.  The tuning table's configurations are checked the same way.
 
 Per kernel: registers, spill bytes (STACK/LOCAL from the cuobjdump in triton's wheel), shared
 memory, and from the SASS: tensor-core MMAs (HMMA, HGMMA), async copies (LDGSTS = cp.async,

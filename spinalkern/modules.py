@@ -89,7 +89,7 @@ class _Head(nn.Module):
     def _bn_uses_batch_stats(self) -> bool:
         """BatchNorm1d's rule: batch statistics in training, and in eval when it keeps no
         running statistics (track_running_stats=False)."""
-        return self.training or self._modules["norms"][0].running_mean is None
+        return self.training or any(bn.running_mean is None for bn in self.norms)
 
     def _bn_fusable(self) -> bool:
         """The BN op takes one eps and either every gamma/beta or none, and normalises every
