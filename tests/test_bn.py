@@ -315,6 +315,10 @@ def test_triton_launcher_passes_what_the_plan_describes(monkeypatch):
     def spy(launch, args):
         seen.append(launch.name)
         assert len(args) == len(launch.params)
+        # the launcher's fast path appends the constexprs after the run-time arguments
+        names = launch.kernel.arg_names
+        assert tuple(names[:len(args)]) == launch.params
+        assert set(names[len(args):]) == set(launch.constexprs)
         for name, a in zip(launch.params, args):
             want = launch.tensor_dtypes.get(name)
             if isinstance(want, tuple):
@@ -373,14 +377,15 @@ def test_module_training_steps_and_running_stats(backend, momentum, dropout):
     head, ref = make_heads(backend, dropout, momentum=momentum)
     for step in range(3):
         x = torch.randn(37, 38, device=DEVICE)
+        gy = torch.randn(37, 6, device=DEVICE)
         torch.manual_seed(100 + step)
-        y = head(x)
+        with poisoned_outputs():
+            y = head(x)
+            y.backward(gy)
         torch.manual_seed(100 + step)  # the seed the head drew for its dropout masks
         seed = new_seed(DEVICE) if dropout else None
         y_ref = reference_step(ref, x, seed, dropout)
         check("y", y, y_ref, torch.float32)
-        gy = torch.randn(37, 6, device=DEVICE)
-        y.backward(gy)
         y_ref.backward(gy.cpu().double())
         if step in (0, 2):  # after one and after three steps
             check_running_stats(head, ref)
