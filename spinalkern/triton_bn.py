@@ -30,12 +30,14 @@ dz_j = gamma r (g - dbeta / B - xhat dgamma / B).
   * the weight gradients: ``wgrad_kernel`` and ``reduce_kernel`` of
     ``spinalkern.triton_kernels`` (G has their chunked layout: pieces 16-column aligned).
 Dropout masks are the plain kernels' (``spinalkern.triton_kernels._drop``, recomputed).
+The launches are ``spinalkern.triton_plan.Launch`` plans (``build_bn_plan``), cached per call
+shape and run by the launcher of ``spinalkern.triton_head``.
 """
 from __future__ import annotations
 
-import torch
-
 from dataclasses import dataclass
+
+import torch
 
 from . import _backends, ops
 from .spec import HeadSpec
