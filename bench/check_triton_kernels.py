@@ -5,12 +5,12 @@ and report what each compiled kernel uses; fail if any spills registers.
 
 For every checked configuration (heads with aligned and unaligned widths, including a wide one
 that takes the chunked kernels; bf16 / fp16 / fp32; a training and a large batch; dropout off
-and on; one call whose input starts off a 16-byte boundary) the launch plan of
-``spinalkern.triton_plan`` is built as the launcher builds it, and each of its launches is bound
-by Triton's own argument binder (stand-ins with the plan's dtypes and data-pointer alignment
-play the tensors), so the signature, constexprs and specialisation attributes
-(``tt.divisibility``) are the ones the JIT would compile on a GPU.  The tuning table's
-configurations are checked the same way.
+and on; one call whose input starts off a 16-byte boundary; the training-mode BatchNorm ops)
+the launch plan (``spinalkern.triton_plan``, ``spinalkern.triton_bn``) is built as the
+launcher builds it, and each of its launches is bound by Triton's own argument binder
+(stand-ins with the plan's dtypes and data-pointer alignment play the tensors), so the
+signature, constexprs and specialisation attributes (``tt.divisibility``) are the ones the JIT
+would compile on a GPU.  The tuning table's configurations are checked the same way.
 
 Per kernel: registers, spill bytes (STACK/LOCAL from the cuobjdump in triton's wheel), shared
 memory, and from the SASS: tensor-core MMAs (HMMA, HGMMA), async copies (LDGSTS = cp.async,
@@ -59,7 +59,9 @@ def scenarios(everything: bool = False) -> list[dict]:
            call("spinal-vgg", "fp32", 1024, 0.5),
            # a contiguous view that starts 2 bytes past a 16-byte boundary (e.g. feats[1:]
            # of an odd-width feature map): Triton drops the alignment specialisation
-           call("spinal-vgg", "bf16", 1024, 0.0, misaligned=("x_ptr",))]
+           call("spinal-vgg", "bf16", 1024, 0.0, misaligned=("x_ptr",)),
+           # the training-mode BatchNorm ops (spinalkern/triton_bn.py) of the VGG-5 head
+           call("spinal-vgg", "bf16", 1024, 0.5, bn=True)]
     if everything:
         for head in HEADS:
             for B in BATCHES:
@@ -96,6 +98,11 @@ def plan_launches(sc: dict, config=None):
     from spinalkern.spec import HeadSpec
     from spinalkern.triton_plan import build_plan
     spec = HeadSpec(*HEADS[sc["head"]])
+    if sc.get("bn"):  # the BN ops' launches (forward and backward)
+        from spinalkern.triton_bn import build_bn_plan
+        plan = build_bn_plan(spec, _torch_dtype(sc["dtype"]), sc["B"], sc["dropout"], True,
+                             prec="highest", sms=SM90_SMS, interpreting=False)
+        return plan, plan.fwd + plan.bwd + [plan.wgrad] + ([plan.reduce] if plan.reduce else [])
     plan = build_plan(spec, _torch_dtype(sc["dtype"]), sc["B"], sc["dropout"],
                       sc["save_hidden"], prec="highest", sms=SM90_SMS, config=config,
                       interpreting=False)
@@ -237,8 +244,10 @@ def check(jobs, n_jobs) -> list[dict]:
     rows = []
     for sc, cj, i, plan, launch, args, key in todo:
         tiles = {k: v for k, v in launch.constexprs.items() if k.startswith("BLOCK")}
-        rows.append({**sc, "fwd_variant": plan.config.fwd_variant,
-                     "bwd_variant": plan.config.bwd_variant, "kernel": launch.kernel.__name__,
+        variants = ("bn", "bn") if sc.get("bn") else (plan.config.fwd_variant,
+                                                      plan.config.bwd_variant)
+        rows.append({**sc, "fwd_variant": variants[0], "bwd_variant": variants[1],
+                     "kernel": launch.kernel.__name__,
                      "grid": list(launch.grid), "num_warps": launch.num_warps,
                      "num_stages": launch.num_stages, **tiles, **results[key],
                      "from_table": bool(cj)})

@@ -22,8 +22,8 @@ What is measured (see docs/benchmarks.md for the why):
   overruns is recorded as "compile timed out"), ``triton`` and ``cuda`` (the fused kernels),
   and ``triton+graph`` / ``cuda+graph``.  A backend missing here is listed under ``skipped``
   with the reason.  ``path`` says what actually ran: ``fused`` when a spinalkern op ran,
-  ``eager`` when a fused backend fell back to the eager reference (e.g. training-mode
-  BatchNorm before the fused BatchNorm op exists).
+  ``eager`` when a fused backend fell back to the eager reference (training-mode BatchNorm
+  on a backend without a BatchNorm op).
 * Order: the goal cells first (bf16; B = 128 and 1024 forward+backward, B = 65,536 forward),
   then their torch.compile rows, then the other cells, so that a time budget (``--budget-s``)
   cuts the least useful ones.

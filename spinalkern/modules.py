@@ -86,18 +86,70 @@ class _Head(nn.Module):
             bs[i] = bs[i] * scale + shift
         return ws, bs
 
+    def _bn_uses_batch_stats(self) -> bool:
+        """BatchNorm1d's rule: batch statistics in training, and in eval when it keeps no
+        running statistics (track_running_stats=False)."""
+        return self.training or any(bn.running_mean is None for bn in self.norms)
+
+    def _bn_fusable(self) -> bool:
+        """The BN op takes one eps and either every gamma/beta or none, and normalises every
+        layer with batch statistics: heads whose norms differ in that run the reference."""
+        norms = list(self.norms)
+        first = norms[0]
+        return all(bn.eps == first.eps and bn.affine == first.affine
+                   and (bn.running_mean is None) == (first.running_mean is None)
+                   for bn in norms)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
         backend = _backends.resolve(self.backend, x.device)
         p = self.dropout if self.training else 0.0
-        if backend is None or (self.norms is not None and self.training):
-            # The eager reference; training-mode BatchNorm couples the whole batch, so it always
-            # runs here (its statistics must be computed before any layer can continue).
+        batch_stats = self.norms is not None and self._bn_uses_batch_stats()
+        if batch_stats and x.shape[0] == 1:  # as BatchNorm1d does
+            raise ValueError("Expected more than 1 value per channel when training, got input "
+                             f"size {torch.Size([1, self.spec.H])}")
+        if batch_stats and backend is not None and backend.bn_forward_op is not None \
+                and self._bn_fusable():
+            return self._bn_forward(backend.bn_forward_op, x, p)
+        if backend is None or batch_stats:
+            # The eager reference (also for BatchNorm with batch statistics on a backend
+            # without a BN op, or norms that the op cannot express)
             ws, bs = self._params()
             return reference_forward(self.spec, x, ws, bs, p,
                                      norms=list(self.norms) if self.norms is not None else None)
         ws, bs = self._folded_params() if self.norms is not None else self._params()
         return _run_op(backend.forward_op, self.spec, x, ws, bs, p)
+
+    def _bn_forward(self, op, x, dropout: float):
+        """The fused BN op (batch statistics), then the running statistics updated from its
+        ``stats`` as BatchNorm1d updates them (in place, on the device)."""
+        norms = list(self.norms)
+        ws, bs = self._params()
+        dev = x.device.type
+        if torch.is_autocast_enabled(dev):
+            dtype = torch.get_autocast_dtype(dev)
+            x = x.to(dtype)
+            ws = [w.to(dtype) for w in ws]
+            bs = [b.to(dtype) for b in bs]
+        acc = ops.bn_accumulation_dtype(x)  # gamma and beta stay in the accumulation dtype
+        gammas = [bn.weight.to(acc) for bn in norms] if norms[0].affine else []
+        betas = [bn.bias.to(acc) for bn in norms] if norms[0].affine else []
+        seed = new_seed(x.device) if dropout > 0.0 else None
+        needs_grad = torch.is_grad_enabled() and any(
+            t.requires_grad for t in (x, *ws, *bs, *gammas, *betas))
+        y, _, _, stats = op(x, ws, bs, gammas, betas, seed, self.spec.num_splits, dropout,
+                            norms[0].eps, needs_grad)
+        if self.training:
+            with torch.no_grad():
+                for bn, st in zip(norms, stats):
+                    if not bn.track_running_stats:
+                        continue
+                    bn.num_batches_tracked.add_(1)
+                    f = bn.momentum if bn.momentum is not None \
+                        else 1.0 / bn.num_batches_tracked  # cumulative average, on the device
+                    bn.running_mean.mul_(1 - f).add_(st[0] * f)
+                    bn.running_var.mul_(1 - f).add_(st[2] * f)
+        return y
 
 
 def _run_op(op, spec: HeadSpec, x, weights, biases, dropout: float):

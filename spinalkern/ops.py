@@ -411,6 +411,34 @@ def _make_autograd(forward_op, backward_op):
     return setup_context, backward
 
 
+def differentiable_bn_backward(grad_y, x, weights, biases, bn_weights, bn_biases, hidden, seed,
+                               num_splits, dropout, eps):
+    """(grad_x, [dW_L], [db_L], [dgamma_i], [dbeta_i]) of the BN backward op with
+    differentiable torch ops (``create_graph=True``): the forward is recomputed from the
+    reference formulas with torch's batch_norm on the batch statistics and every h_i
+    teacher-forced to the saved activations, as in :func:`differentiable_backward`.  The
+    biases and betas take part as well (their values are forced away, but the first
+    derivatives depend on them through the activations)."""
+    spec = check_backward_args(grad_y, x, weights, hidden, seed, 0, num_splits, dropout)
+    with torch.enable_grad():
+        leaves = [t if t.requires_grad else t.detach().requires_grad_()
+                  for t in (x, *weights, *biases, *bn_weights, *bn_biases)]
+        n1, nb = len(weights), len(bn_weights)
+        ws, bs = leaves[1:1 + n1], leaves[1 + n1:1 + 2 * n1]
+        gammas, betas = leaves[1 + 2 * n1:1 + 2 * n1 + nb], leaves[1 + 2 * n1 + nb:]
+
+        def norm(i):
+            return lambda z: torch.nn.functional.batch_norm(
+                z.to(bn_accumulation_dtype(x)), None, None, gammas[i] if nb else None,
+                betas[i] if nb else None, True, 0.0, eps).to(z.dtype)
+        y = reference_forward(spec, leaves[0], ws, bs, dropout, seed if dropout > 0.0 else None,
+                              norms=[norm(i) for i in range(spec.n)], hidden=hidden)
+        g = list(torch.autograd.grad(y, leaves, grad_y, create_graph=True, allow_unused=True))
+    g = [torch.zeros_like(t) if d is None else d for d, t in zip(g, leaves)]
+    return (g[0], g[1:1 + n1], g[1 + n1:1 + 2 * n1], g[1 + 2 * n1:1 + 2 * n1 + nb],
+            g[1 + 2 * n1 + nb:])
+
+
 def _backward_op_backward(ctx, *grads):
     raise RuntimeError(
         "spinalkern: the backward ops are not differentiable; to differentiate a gradient "
@@ -423,6 +451,53 @@ def register_python_autograd(backend: str):
     backward op raise a clear error when differentiated)."""
     fwd, bwd = backend_ops(backend)
     setup_context, backward = _make_autograd(fwd, bwd)
+    torch.library.register_autograd(fwd, backward, setup_context=setup_context)
+    torch.library.register_autograd(bwd, _backward_op_backward)
+    return fwd
+
+
+def register_python_bn_autograd(backend: str):
+    """Register the Python autograd of ``spinalkern::{backend}_head_bn_forward`` (gradients
+    of x, weights, biases, bn_weights, bn_biases; differentiable again through
+    :func:`differentiable_bn_backward`) and make its backward op raise a clear error when
+    differentiated; returns the BN forward op."""
+    fwd, bwd = bn_backend_ops(backend)
+
+    def setup_context(ctx, inputs, output):
+        x, weights, biases, bn_weights, bn_biases, seed, num_splits, dropout, eps, save = inputs
+        ctx.mark_non_differentiable(*output[1:])  # hidden, z, stats: by-products
+        ctx.args = (num_splits, dropout, eps, save, len(weights), len(bn_weights))
+        params = (*weights, *biases, *bn_weights, *bn_biases)  # (the biases: for create_graph)
+        if save:
+            ctx.save_for_backward(x, seed, *params, *output[1:])
+        else:  # backward recomputes hidden, z and stats with the forward op
+            ctx.save_for_backward(x, seed, *params)
+
+    def backward(ctx, grad_y, *unused):
+        num_splits, dropout, eps, save, nw, nbn = ctx.args
+        x, seed, *saved = ctx.saved_tensors
+        weights, biases = saved[:nw], saved[nw:2 * nw]
+        bn_weights, bn_biases = saved[2 * nw:2 * nw + nbn], saved[2 * nw + nbn:2 * nw + 2 * nbn]
+        if save:
+            hidden, z, stats = saved[2 * nw + 2 * nbn:]
+        else:
+            with torch.no_grad():
+                _, hidden, z, stats = fwd(x, weights, biases, bn_weights, bn_biases, seed,
+                                          num_splits, dropout, eps, True)
+        if torch.is_grad_enabled():  # create_graph=True: a backward that is differentiable
+            grad_x, dws, dbs, dgammas, dbetas = differentiable_bn_backward(
+                grad_y, x, weights, biases, bn_weights, bn_biases, hidden, seed, num_splits,
+                dropout, eps)
+        else:
+            grad_x, flat, grad_bn = bwd(grad_y, x, weights, bn_weights, hidden, z, stats, seed,
+                                        num_splits, dropout)
+            spec = head_spec(0, int(x.shape[1]), int(weights[0].shape[0]), nw - 1,
+                             int(weights[-1].shape[0]), num_splits)
+            dws, dbs = split_grad_params(spec, flat)
+            dgammas = list(grad_bn[:, 0]) if nbn else []
+            dbetas = list(grad_bn[:, 1]) if nbn else []
+        return grad_x, dws, dbs, dgammas, dbetas, None, None, None, None, None
+
     torch.library.register_autograd(fwd, backward, setup_context=setup_context)
     torch.library.register_autograd(bwd, _backward_op_backward)
     return fwd

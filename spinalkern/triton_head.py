@@ -18,6 +18,7 @@ from . import _backends
 from .ops import checked_backward_args, checked_forward_args, define_backend_ops, \
     register_fakes, register_python_autograd
 from .spec import HeadSpec
+from .triton_bn import bn_forward_op
 from .triton_kernels import HAVE_TRITON
 from .triton_plan import KernelConfig, default_config, plan_for, sm_count
 from .triton_plan import wgrad_splits as _wgrad_splits
@@ -168,4 +169,5 @@ def _build_hint() -> str:
 
 
 BACKEND = _backends.register(_backends.Backend(
-    name="triton", available=_available, forward_op=forward_op, build_hint=_build_hint))
+    name="triton", available=_available, forward_op=forward_op, build_hint=_build_hint,
+    bn_forward_op=bn_forward_op))

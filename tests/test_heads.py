@@ -640,7 +640,7 @@ def test_module_matches_torch_backend(backend):
 
 
 @pytest.mark.parametrize("backend", FUSED)
-def test_batchnorm_eval_is_folded_and_training_uses_reference(backend):
+def test_batchnorm_eval_is_folded_and_training_uses_batch_statistics(backend):
     device = backend_device(backend)
     head = SpinalHead(64, 10, 16, 4, 2, dropout=0.0, batch_norm=True, backend=backend).to(device)
     for bn in head.norms:  # non-trivial running statistics and affine parameters
