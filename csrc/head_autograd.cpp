@@ -1,14 +1,14 @@
 // Autograd of spinalkern::cuda_head_forward, in C++ (registered for every device at the
 // Autograd dispatch key), so that a backward runs in the C++ autograd engine without Python:
 //
-//   forward:  the op below autograd (CPU or CUDA kernel), saving x, hidden, seed and weights
-//             (save_hidden=false: x, seed, weights and biases; backward recomputes hidden).
+//   forward:  the op below autograd (CPU or CUDA kernel), saving x, hidden, seed, weights and
+//             biases (save_hidden=false: no hidden; backward recomputes it).
 //   backward: spinalkern::cuda_head_backward, whose flat grad_params is handed out as views
 //             (dW_L, db_L) of that one buffer.
 //   backward with create_graph=True (a double backward, e.g. a gradient penalty): the same
 //             gradients computed with differentiable ATen ops from a recomputed forward whose
 //             hidden activations are teacher-forced to the saved ones (value h_i, derivative
-//             through z_i where h_i > 0), then torch::autograd::grad; the C++ twin of
+//             through z_i where not h_i <= 0), then torch::autograd::grad; the C++ twin of
 //             spinalkern.ops.differentiable_backward.
 //
 // The BatchNorm head's ops (cuda_head_bn_forward / _backward) are below, after the plain ones.
@@ -17,11 +17,11 @@
 // raises an error that says what to do instead.  Fake (meta) implementations are in Python
 // (spinalkern/ops.py).  Nothing here synchronises with the device (CUDA-graph safe).
 #include <ATen/TensorOperators.h>
+#include <ATen/ops/batch_norm.h>
 #include <ATen/ops/cat.h>
 #include <ATen/ops/linear.h>
 #include <ATen/ops/logical_not.h>
 #include <ATen/ops/where.h>
-#include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
@@ -74,23 +74,38 @@ std::optional<at::Tensor> opt(const at::Tensor& t) {
   return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
 }
 
-// Gradients of x, every weight and every bias of the head, with differentiable ATen ops (see
-// the top of this file).  Called with grad mode on (create_graph=True).
+// The BatchNorm of the BN head's hidden layers in a differentiable backward: gamma_i and
+// beta_i (empty for affine=False) and eps.
+struct BnParams {
+  std::vector<at::Tensor> gammas, betas;
+  double eps = 0.0;
+};
+
+// Gradients of x, every weight and every bias of the head (then, with ``bn``, every gamma and
+// beta), with differentiable ATen ops (see the top of this file).  Called with grad mode on
+// (create_graph=True).
 variable_list differentiable_backward(const at::Tensor& grad_y, const at::Tensor& x,
                                       const std::vector<at::Tensor>& weights,
+                                      const std::vector<at::Tensor>& biases,
                                       const at::Tensor& hidden, const at::Tensor& seed,
-                                      int64_t kind, int64_t num_splits, double p) {
+                                      int64_t kind, int64_t num_splits, double p,
+                                      const BnParams* bn = nullptr) {
   const char* op = "spinalkern::cuda_head_forward (double backward)";
   const HeadDims d = check_head_args(op, x, weights, opt(seed), kind, num_splits, p);
   check_backward_tensors(op, d, x, grad_y, hidden);
-  // differentiate with respect to x and the weights (stand-ins when they need no gradient)
-  // and zero biases (the backward does not depend on the biases' values)
+  // differentiate with respect to x, the weights and the biases (stand-ins when they need no
+  // gradient); the biases matter: layer L+1's dW depends on b_L through h_L
   variable_list inputs{x};
   inputs.insert(inputs.end(), weights.begin(), weights.end());
+  inputs.insert(inputs.end(), biases.begin(), biases.end());
+  const size_t first_gamma = inputs.size();
+  const size_t num_gammas = bn ? bn->gammas.size() : 0;
+  if (bn) {
+    inputs.insert(inputs.end(), bn->gammas.begin(), bn->gammas.end());
+    inputs.insert(inputs.end(), bn->betas.begin(), bn->betas.end());
+  }
   for (auto& t : inputs)
     if (!t.requires_grad()) t = t.detach().requires_grad_(true);
-  for (const auto& w : weights)
-    inputs.push_back(at::zeros({w.size(0)}, w.options()).requires_grad_(true));
   const at::Tensor& xl = inputs[0];
   const int64_t B = x.size(0);
 
@@ -112,7 +127,15 @@ variable_list differentiable_backward(const at::Tensor& grad_y, const at::Tensor
     if (li.hw > 0) parts.push_back(at::cat(hs, 1).narrow(1, li.hoff, li.hw));
     at::Tensor u = parts.size() == 1 ? parts[0] : at::cat(parts, 1);
     if (d.kind == kSpinal && d.dropout) u = drop(u, li.stream);
-    const at::Tensor z = at::linear(u, inputs[1 + L], inputs[1 + d.n + 1 + L]);
+    at::Tensor z = at::linear(u, inputs[1 + L], inputs[1 + d.n + 1 + L]);
+    if (bn && L < d.n) {  // batch statistics, in the accumulation dtype (as the ops)
+      const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+      const at::Tensor gamma = num_gammas ? inputs[first_gamma + L] : at::Tensor();
+      const at::Tensor beta = num_gammas ? inputs[first_gamma + num_gammas + L] : at::Tensor();
+      z = at::batch_norm(z.to(acc), gamma, beta, {}, {}, /*training=*/true, 0.0, bn->eps,
+                         /*cudnn_enabled=*/false)
+              .to(z.scalar_type());
+    }
     if (L == d.n) {
       y = z;
     } else {
@@ -139,15 +162,16 @@ struct HeadForward : public torch::autograd::Function<HeadForward> {
     ctx->saved_data["dropout"] = dropout;
     ctx->saved_data["save_hidden"] = save_hidden;
     ctx->saved_data["num_weights"] = (int64_t)weights.size();
-    // save_hidden: keep x, hidden, seed, weights; otherwise keep the inputs only (x, seed,
-    // weights, biases) and recompute hidden in backward with one more forward
+    // save_hidden: keep x, hidden, seed, weights, biases; otherwise keep the inputs only (x,
+    // seed, weights, biases) and recompute hidden in backward with one more forward.  (The
+    // biases: for that recomputation and for a differentiable backward.)
     variable_list keep;
     keep.reserve(3 + 2 * weights.size());
     keep.push_back(x);
     if (save_hidden) keep.push_back(hidden);
     keep.push_back(seed.has_value() ? *seed : at::Tensor());
     keep.insert(keep.end(), weights.begin(), weights.end());
-    if (!save_hidden) keep.insert(keep.end(), biases.begin(), biases.end());
+    keep.insert(keep.end(), biases.begin(), biases.end());
     ctx->save_for_backward(keep);
     return {y, hidden};
   }
@@ -164,12 +188,12 @@ struct HeadForward : public torch::autograd::Function<HeadForward> {
     const at::Tensor& seed = saved[first_weight - 1];
     const std::vector<at::Tensor> weights(saved.begin() + first_weight,
                                           saved.begin() + first_weight + num_weights);
+    const std::vector<at::Tensor> biases(saved.begin() + first_weight + num_weights,
+                                         saved.end());
     at::Tensor hidden;
     if (save_hidden) {
       hidden = saved[1];
     } else {  // recompute hidden from the inputs (no graph: hidden is not differentiated)
-      const std::vector<at::Tensor> biases(saved.begin() + first_weight + num_weights,
-                                           saved.end());
       at::NoGradGuard no_grad;
       at::AutoDispatchBelowADInplaceOrView below;
       hidden = std::get<1>(forward_op().call(x, weights, biases, opt(seed), kind, num_splits,
@@ -184,7 +208,7 @@ struct HeadForward : public torch::autograd::Function<HeadForward> {
     out.reserve(num_grads);
     if (!grad_y.defined()) {  // y did not reach the loss: no gradients
     } else if (at::GradMode::is_enabled()) {  // create_graph=True
-      variable_list g = differentiable_backward(grad_y, x, weights, hidden, seed, kind,
+      variable_list g = differentiable_backward(grad_y, x, weights, biases, hidden, seed, kind,
                                                 num_splits, dropout);
       out = std::move(g);
     } else {
@@ -268,10 +292,11 @@ std::tuple<at::Tensor, at::Tensor> head_backward_autograd(
 // forward:  the op below autograd, always with save_for_backward=true when a graph is recorded
 //           (hidden, z and stats are what the backward needs; hidden and z are handed out only
 //           when the caller asked for them); saves x, hidden, z, stats, seed, the weights and
-//           gamma.
+//           gamma (and, for a differentiable backward, the biases and betas).
 // backward: spinalkern::cuda_head_bn_backward; dW_L, db_L are views of its flat grad_params,
-//           dgamma_i / dbeta_i views of grad_bn.  Differentiating it again is not supported
-//           (create_graph=True raises).
+//           dgamma_i / dbeta_i views of grad_bn.  With create_graph=True, the same gradients
+//           from differentiable ATen ops (differentiable_backward with batch_norm in training
+//           mode, hidden teacher-forced), as for the plain head.
 using BnForwardFn = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, at::TensorList, at::TensorList, at::TensorList, at::TensorList,
     const std::optional<at::Tensor>&, int64_t, double, double, bool);
@@ -304,10 +329,14 @@ struct BnHeadForward : public torch::autograd::Function<BnHeadForward> {
                                                       seed, num_splits, dropout, eps, true);
     ctx->saved_data["num_splits"] = num_splits;
     ctx->saved_data["dropout"] = dropout;
+    ctx->saved_data["eps"] = eps;
     ctx->saved_data["num_weights"] = (int64_t)weights.size();
+    // (biases and betas: only for a differentiable backward, create_graph=True)
     variable_list keep{x, hidden, z, stats, seed.has_value() ? *seed : at::Tensor()};
     keep.insert(keep.end(), weights.begin(), weights.end());
     keep.insert(keep.end(), bn_weights.begin(), bn_weights.end());
+    keep.insert(keep.end(), biases.begin(), biases.end());
+    keep.insert(keep.end(), bn_biases.begin(), bn_biases.end());
     ctx->save_for_backward(keep);
     if (!save_for_backward) hidden = z = at::empty({0}, x.options());
     ctx->mark_non_differentiable({hidden, z, stats});
@@ -316,23 +345,30 @@ struct BnHeadForward : public torch::autograd::Function<BnHeadForward> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    TORCH_CHECK(!at::GradMode::is_enabled(),
-                "spinalkern::cuda_head_bn_forward: differentiating its backward "
-                "(create_graph=True) is not supported for the BatchNorm head");
     const int64_t num_splits = ctx->saved_data["num_splits"].toInt();
     const double dropout = ctx->saved_data["dropout"].toDouble();
     const int64_t num_weights = ctx->saved_data["num_weights"].toInt();
     const variable_list saved = ctx->get_saved_variables();
     const at::Tensor &x = saved[0], &hidden = saved[1], &z = saved[2], &stats = saved[3],
                      &seed = saved[4];
-    const std::vector<at::Tensor> weights(saved.begin() + 5, saved.begin() + 5 + num_weights);
-    const std::vector<at::Tensor> bn_weights(saved.begin() + 5 + num_weights, saved.end());
+    const int64_t num_bn = ((int64_t)saved.size() - 5 - 2 * num_weights) / 2;
+    auto part = [&](int64_t begin, int64_t count) {
+      return std::vector<at::Tensor>(saved.begin() + begin, saved.begin() + begin + count);
+    };
+    const std::vector<at::Tensor> weights = part(5, num_weights);
+    const std::vector<at::Tensor> bn_weights = part(5 + num_weights, num_bn);
     const at::Tensor& grad_y = grads[0];
     // x, weights, biases, bn_weights, bn_biases (as many as bn_weights), then seed,
     // num_splits, dropout, eps, save_for_backward (none)
     const size_t num_grads = 1 + 2 * weights.size() + 2 * bn_weights.size() + 5;
     variable_list out;
-    if (grad_y.defined()) {  // else y did not reach the loss: no gradients
+    if (grad_y.defined() && at::GradMode::is_enabled()) {  // create_graph=True
+      BnParams bn{bn_weights, part(5 + num_weights + num_bn + num_weights, num_bn),
+                  ctx->saved_data["eps"].toDouble()};
+      out = differentiable_backward(grad_y, x, weights, part(5 + num_weights + num_bn,
+                                                             num_weights),
+                                    hidden, seed, /*kind=*/0, num_splits, dropout, &bn);
+    } else if (grad_y.defined()) {  // else y did not reach the loss: no gradients
       auto [grad_x, flat, grad_bn] = bn_backward_op().call(grad_y, x, weights, bn_weights, hidden,
                                                            z, stats, opt(seed), num_splits,
                                                            dropout);
@@ -387,8 +423,10 @@ struct BnBackwardNotDifferentiable
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    TORCH_CHECK(false, "spinalkern::cuda_head_bn_backward is not differentiable "
-                "(create_graph=True is not supported for the BatchNorm head)");
+    TORCH_CHECK(false, "spinalkern::cuda_head_bn_backward is not differentiable; to "
+                "differentiate a gradient (create_graph=True), differentiate through "
+                "spinalkern::cuda_head_bn_forward, whose backward is then computed with "
+                "differentiable ops");
     return {};
   }
 };

@@ -286,22 +286,23 @@ def _fake_bn_backward(grad_y, x, weights, bn_weights, hidden, z, stats, seed, nu
 
 
 # -- double backward -----------------------------------------------------------------------------
-def differentiable_backward(grad_y, x, weights, hidden, seed, kind, num_splits, dropout):
+def differentiable_backward(grad_y, x, weights, biases, hidden, seed, kind, num_splits,
+                            dropout):
     """(grad_x, [dW_L], [db_L]) of the backward op, computed with differentiable torch ops so
     that autograd can differentiate it again (``create_graph=True``, e.g. a gradient penalty).
 
     The forward is recomputed from the reference formulas with every h_i teacher-forced to the
     saved activations (``reference_forward(..., hidden=...)``): the first derivatives are the
     backward op's, ReLU masks and dropout masks included; second derivatives flow through x,
-    the weights and grad_y.  The biases do not enter the backward; zeros stand in for them."""
+    the weights, the biases (layer L+1's dW depends on b_L through h_L) and grad_y."""
     spec = check_backward_args(grad_y, x, weights, hidden, seed, kind, num_splits, dropout)
     with torch.enable_grad():
-        leaves = [t if t.requires_grad else t.detach().requires_grad_() for t in (x, *weights)]
-        zeros = [w.new_zeros(w.shape[0]).requires_grad_() for w in weights]
-        y = reference_forward(spec, leaves[0], leaves[1:], zeros, dropout,
+        leaves = [t if t.requires_grad else t.detach().requires_grad_()
+                  for t in (x, *weights, *biases)]
+        n1 = len(weights)
+        y = reference_forward(spec, leaves[0], leaves[1:1 + n1], leaves[1 + n1:], dropout,
                               seed if dropout > 0.0 else None, hidden=hidden)
-        grads = torch.autograd.grad(y, leaves + zeros, grad_y, create_graph=True)
-    n1 = len(weights)
+        grads = torch.autograd.grad(y, leaves, grad_y, create_graph=True)
     return grads[0], list(grads[1:1 + n1]), list(grads[1 + n1:])
 
 
@@ -381,23 +382,26 @@ def _make_autograd(forward_op, backward_op):
         x, weights, biases, seed, kind, num_splits, dropout, save_hidden = inputs
         ctx.mark_non_differentiable(output[1])  # hidden is a by-product saved for backward
         ctx.args = (kind, num_splits, dropout, save_hidden, len(weights))
+        # the biases: to recompute hidden (save_hidden=False) and for a differentiable
+        # backward (create_graph=True)
         if save_hidden:
-            ctx.save_for_backward(x, output[1], seed, *weights)
+            ctx.save_for_backward(x, output[1], seed, *weights, *biases)
         else:  # backward recomputes hidden with the forward op: keep the inputs only
             ctx.save_for_backward(x, seed, *weights, *biases)
 
     def backward(ctx, grad_y, grad_hidden):
         kind, num_splits, dropout, save_hidden, n_weights = ctx.args
         if save_hidden:
-            x, hidden, seed, *weights = ctx.saved_tensors
+            x, hidden, seed, *params = ctx.saved_tensors
+            weights, biases = params[:n_weights], params[n_weights:]
         else:
             x, seed, *params = ctx.saved_tensors
             weights, biases = params[:n_weights], params[n_weights:]
             with torch.no_grad():
                 hidden = forward_op(x, weights, biases, seed, kind, num_splits, dropout, True)[1]
         if torch.is_grad_enabled():  # create_graph=True: a backward that is differentiable
-            grad_x, dws, dbs = differentiable_backward(grad_y, x, weights, hidden, seed, kind,
-                                                       num_splits, dropout)
+            grad_x, dws, dbs = differentiable_backward(grad_y, x, weights, biases, hidden, seed,
+                                                       kind, num_splits, dropout)
             return grad_x, dws, dbs, None, None, None, None, None
         grad_x, flat = backward_op(grad_y, x, weights, hidden, seed, kind, num_splits, dropout)
         dws, dbs, off = [], [], 0
