@@ -1,6 +1,6 @@
 // The op schemas, written once for C++: the extension (spinal_head.cpp, namespace spinalkern,
-// ops named cuda_<name>) and the CPU emulator of the CUDA kernels (csrc/emu, namespace
-// spinalkern_emu) define their ops from these strings.  spinalkern/ops.py holds the same
+// ops named cuda_<name>) and the CPU emulator of the CUDA kernels (csrc/emu, ops named
+// emu_<name>; its tools in namespace spinalkern_emu) define their ops from these strings.  spinalkern/ops.py holds the same
 // schemas for Python (the Triton backend).
 //
 //   head_forward(x, weights, biases, seed, kind, num_splits, dropout, save_hidden)

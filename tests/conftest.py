@@ -21,6 +21,41 @@ requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (runs 
 # Where the Triton backend runs its kernels in this session.
 TRITON_DEVICE = "cuda" if HAS_CUDA else "cpu"
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_emulator = None
+
+
+def load_emulator():
+    """The CUDA kernels and their host code compiled against the CPU emulator (csrc/emu; built
+    once, cached in build/emu), registered as the test backend "emu": the ops
+    ``spinalkern::emu_head_{forward,backward,bn_forward,bn_backward}`` get the fake and
+    Python autograd implementations every backend shares (spinalkern.ops), so the conformance
+    suite runs on them like on any backend.  Returns a namespace of those ops and the
+    emulator's tools (keep_mask, launch_plan, set_fault)."""
+    global _emulator
+    if _emulator is None:
+        import types
+
+        from torch.utils import cpp_extension
+
+        from spinalkern import ops
+        build_dir = os.path.join(ROOT, "build", "emu")
+        os.makedirs(build_dir, exist_ok=True)
+        cpp_extension.load(
+            name="spinalkern_emu", sources=[os.path.join(ROOT, "csrc", "emu", "emu_ops.cpp")],
+            extra_cflags=["-O2", "-std=c++17", "-Wno-unknown-pragmas"],
+            build_directory=build_dir, is_python_module=False, verbose=False)
+        ops.register_fakes("emu")
+        ops.register_python_autograd("emu")
+        ops.register_bn_fakes("emu")
+        ops.register_python_bn_autograd("emu")
+        sk, tools = torch.ops.spinalkern, torch.ops.spinalkern_emu
+        _emulator = types.SimpleNamespace(
+            head_forward=sk.emu_head_forward, head_backward=sk.emu_head_backward,
+            head_bn_forward=sk.emu_head_bn_forward, head_bn_backward=sk.emu_head_bn_backward,
+            keep_mask=tools.keep_mask, launch_plan=tools.launch_plan, set_fault=tools.set_fault)
+    return _emulator
+
 
 # A skipif reason that starts like this marks a test that needs a GPU: "needs CUDA",
 # "needs a CUDA GPU ...", "needs a GPU ...".

@@ -23,7 +23,7 @@ from spinalkern.spec import HeadSpec
 from spinalkern.testing import (ERROR_FLOOR, GRAD_ERROR_FLOOR, poisoned_outputs, random_params,
                                 rel_err)
 
-from conftest import HAS_CUDA, requires_cuda
+from conftest import HAS_CUDA, load_emulator, requires_cuda
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 
@@ -40,10 +40,15 @@ def _bn_backends():
 
 
 BN_BACKENDS = _bn_backends()
+# The op-level tests also run the CUDA kernels on the CPU emulator ("emu", conftest), on CPU
+# tensors: without a GPU (with one, the kernels themselves run as the "cuda" backend).
+BN_OPS = BN_BACKENDS + ([] if HAS_CUDA else ["emu"])
 EPS = 1e-5
 
 
 def bn_ops(backend):
+    if backend == "emu":
+        load_emulator()
     return ops.bn_backend_ops(backend)
 
 
@@ -121,7 +126,7 @@ CASES = [(2, 37, 8, 1, 1, 5, 0.5), (7, 38, 10, 2, 2, 7, EPS), (64, 21, 8, 4, 1, 
 CASE_IDS = [f"B{B}-D{D}-H{H}-n{n}-S{S}-C{C}" for B, D, H, n, S, C, _ in CASES]
 
 
-@pytest.mark.parametrize("backend", BN_BACKENDS)
+@pytest.mark.parametrize("backend", BN_OPS)
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 def test_op_forward_stats_and_all_gradients_fp32(backend, case, dropout):
@@ -158,7 +163,7 @@ def test_op_forward_stats_and_all_gradients_fp32(backend, case, dropout):
         assert db.norm() <= 1e-5 * (stats[i, 1].cpu() * xhat.grad).norm(), f"grad b{i} = {db}"
 
 
-@pytest.mark.parametrize("backend", BN_BACKENDS)
+@pytest.mark.parametrize("backend", BN_OPS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_op_half_precision(backend, dtype):
     B, D, H, n, S, C = 64, 38, 10, 4, 2, 6
@@ -198,7 +203,7 @@ def check_half_grads(spec, inputs, hidden, seed, dropout, grad_y, grads, dtype):
             check(f"grad {name}", got, ref, dtype)  # the value floors: no flips left
 
 
-@pytest.mark.parametrize("backend", BN_BACKENDS)
+@pytest.mark.parametrize("backend", BN_OPS)
 def test_op_affine_false_and_deterministic(backend):
     B, D, H, n, S, C = 37, 21, 10, 2, 1, 5
     spec = HeadSpec("spinal", D, H, n, C, S)
@@ -216,7 +221,7 @@ def test_op_affine_false_and_deterministic(backend):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("backend", BN_BACKENDS)
+@pytest.mark.parametrize("backend", BN_OPS)
 def test_op_gradcheck_float64(backend):
     spec = HeadSpec("spinal", 6, 4, 2, 3, 2)
     x, ws, bs, gammas, betas = make_inputs(spec, 5, torch.float64)
@@ -231,7 +236,7 @@ def test_op_gradcheck_float64(backend):
     assert torch.autograd.gradcheck(fn, inputs, fast_mode=True)
 
 
-@pytest.mark.parametrize("backend", BN_BACKENDS)
+@pytest.mark.parametrize("backend", BN_OPS)
 def test_double_backward_matches_reference(backend):
     """create_graph=True through the BN op (a gradient penalty) gives torch's second
     derivatives (float64 reference), never silent zeros."""
@@ -271,7 +276,7 @@ def test_double_backward_matches_reference(backend):
             assert w.abs().sum() > 0, name
 
 
-@pytest.mark.parametrize("backend", BN_BACKENDS)
+@pytest.mark.parametrize("backend", BN_OPS)
 def test_backward_op_is_not_differentiable_and_bad_batch(backend):
     spec = HeadSpec("spinal", 6, 4, 2, 3, 2)
     fwd, bwd = bn_ops(backend)
@@ -285,7 +290,7 @@ def test_backward_op_is_not_differentiable_and_bad_batch(backend):
         fwd(x[:1], ws, bs, gammas, betas, None, 2, 0.0, EPS, False)
 
 
-@pytest.mark.parametrize("backend", BN_BACKENDS)
+@pytest.mark.parametrize("backend", BN_OPS)
 def test_opcheck(backend):
     spec = HeadSpec("spinal", 6, 4, 2, 3, 2)
     fwd, bwd = bn_ops(backend)

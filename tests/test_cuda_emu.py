@@ -9,7 +9,8 @@ path) and aligned ones, the interleaved spinal output and the plain output layer
 output blocks, every shared-memory fallback (chosen through the launch planner), split batch
 chunks of the weight gradients; plus injected faults (a cp.async wait one group too early, a
 missing barrier) that the emulator must catch.  The same configurations run on the GPU when
-one is present.
+one is present.  (The op contract itself -- the conformance suite of tests/test_heads.py --
+runs on the emulated ops as the test backend "emu".)
 
 Error bounds: max(2 x torch's own error at that precision, a per-dtype floor), as every
 backend (spinalkern.testing); outputs and workspaces are NaN-poisoned before each run.
@@ -30,22 +31,15 @@ from spinalkern.spec import HeadSpec
 from spinalkern.testing import (ERROR_FLOOR, GRAD_ERROR_FLOOR, poisoned_outputs,
                                 random_params, rel_err)
 
-from conftest import HAS_CUDA
+from conftest import HAS_CUDA, load_emulator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="session")
 def emu():
-    """Compiles csrc/emu/emu_ops.cpp (the CUDA kernels + host code against the emulator)."""
-    from torch.utils import cpp_extension
-    build_dir = os.path.join(ROOT, "build", "emu")
-    os.makedirs(build_dir, exist_ok=True)
-    cpp_extension.load(
-        name="spinalkern_emu", sources=[os.path.join(ROOT, "csrc", "emu", "emu_ops.cpp")],
-        extra_cflags=["-O2", "-std=c++17", "-Wno-unknown-pragmas"], build_directory=build_dir,
-        is_python_module=False, verbose=False)
-    return torch.ops.spinalkern_emu
+    """The CUDA kernels + host code compiled against the emulator (conftest.load_emulator)."""
+    return load_emulator()
 
 
 @contextlib.contextmanager

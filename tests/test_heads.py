@@ -24,7 +24,7 @@ from spinalkern.spec import HeadSpec
 from spinalkern.testing import (ERROR_FLOOR, GRAD_ERROR_FLOOR, poisoned_outputs, random_params,
                                 rel_err)
 
-from conftest import HAS_CUDA, TRITON_DEVICE, requires_cuda
+from conftest import HAS_CUDA, TRITON_DEVICE, load_emulator, requires_cuda
 
 
 def _fused_backends():
@@ -36,13 +36,20 @@ def _fused_backends():
 
 
 FUSED = _fused_backends()
+# Every implementation of the ops: the fused backends, and the CUDA kernels on the CPU emulator
+# ("emu", built on first use by conftest.load_emulator; op-level tests only).
+OPS = FUSED + ["emu"]
 
 
 def backend_device(backend: str) -> str:
-    return TRITON_DEVICE if backend == "triton" else ("cuda" if HAS_CUDA else "cpu")
+    if backend == "triton":
+        return TRITON_DEVICE
+    return "cuda" if HAS_CUDA and backend == "cuda" else "cpu"
 
 
 def op(backend, name="forward"):
+    if backend == "emu":
+        load_emulator()
     return getattr(torch.ops.spinalkern, f"{backend}_head_{name}")
 
 
@@ -83,13 +90,26 @@ def run_fused(backend, spec, x, ws, bs, dropout=0.0, seed=None, grad_y=None):
     return y, hidden, [t.grad for t in leaves]
 
 
-def run_reference(spec, x, ws, bs, dropout=0.0, seed=None, grad_y=None):
+def run_reference(spec, x, ws, bs, dropout=0.0, seed=None, grad_y=None, hidden=None):
+    """The float64 oracle: y, hidden and every gradient.
+
+    With ``hidden`` (a fused backend's activations) the gradients are those of the reference
+    whose h_i are teacher-forced to them (``reference_forward(hidden=...)``): the backend's
+    ReLU masks.  A unit whose pre-activation rounding puts on the other side of zero changes
+    the gradients by O(1) (two correct implementations flip different units), so without this
+    a rare flip would fail a correct backend; y and hidden are always the plain reference's
+    (the forward is continuous)."""
+    seed = seed.cpu() if seed is not None else None
     leaves = [t.detach().double().cpu().requires_grad_() for t in (x, *ws, *bs)]
     xl, wl, bl = leaves[0], leaves[1:1 + len(ws)], leaves[1 + len(ws):]
-    y, hidden = reference_forward(spec, xl, wl, bl, dropout, seed.cpu() if seed is not None
-                                  else None, return_hidden=True)
-    y.backward(grad_y.detach().double().cpu())
-    return y, hidden, [t.grad for t in leaves]
+    y, h = reference_forward(spec, xl, wl, bl, dropout, seed, return_hidden=True)
+    if hidden is not None:
+        y_forced = reference_forward(spec, xl, wl, bl, dropout, seed,
+                                     hidden=hidden.detach().double().cpu())
+        y_forced.backward(grad_y.detach().double().cpu())
+    else:
+        y.backward(grad_y.detach().double().cpu())
+    return y, h, [t.grad for t in leaves]
 
 
 def torch_at_precision(spec, x, ws, bs, dropout, seed, grad_y):
@@ -118,7 +138,7 @@ def check(name, out, ref, dtype, torch_err=0.0, floors=ERROR_FLOOR):
     assert err <= bound, f"{name}: relative error {err:.3g} > bound {bound:.3g}"
 
 
-@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("backend", OPS)
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 @pytest.mark.parametrize("dropout", [0.0, 0.25])
 def test_forward_and_all_gradients_fp32(backend, case, dropout):
@@ -129,13 +149,13 @@ def test_forward_and_all_gradients_fp32(backend, case, dropout):
     seed = spinalkern.rng.new_seed(device) if dropout else None
     g = torch.randn(B, C, dtype=torch.float32, device=device)
     y, hidden, grads = run_fused(backend, spec, x, ws, bs, dropout, seed, g)
-    y_ref, h_ref, g_ref = run_reference(spec, x, ws, bs, dropout, seed, g)
+    y_ref, h_ref, g_ref = run_reference(spec, x, ws, bs, dropout, seed, g, hidden)
     check("hidden", hidden, h_ref, torch.float32)
     check_all(spec, (y, grads), (y_ref, g_ref),
               torch_at_precision(spec, x, ws, bs, dropout, seed, g), torch.float32)
 
 
-@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("backend", OPS)
 @pytest.mark.parametrize("case", [CASES[1], CASES[5], CASES[7]], ids=[CASE_IDS[i] for i in (1, 5, 7)])
 def test_forward_and_all_gradients_fp64(backend, case):
     kind, B, D, H, n, S, C = case
@@ -145,22 +165,23 @@ def test_forward_and_all_gradients_fp64(backend, case):
     seed = spinalkern.rng.new_seed(device)
     g = torch.randn(B, C, dtype=torch.float64, device=device)
     y, hidden, grads = run_fused(backend, spec, x, ws, bs, 0.3, seed, g)
-    y_ref, h_ref, g_ref = run_reference(spec, x, ws, bs, 0.3, seed, g)
+    y_ref, h_ref, g_ref = run_reference(spec, x, ws, bs, 0.3, seed, g, hidden)
     check("hidden", hidden, h_ref, torch.float64)
     check_all(spec, (y, grads), (y_ref, g_ref), (y_ref, g_ref), torch.float64)
 
 
-@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("backend", OPS)
 def test_schemas_match_the_contract(backend):
     from spinalkern import _backends, ops
     for name, schema in (("forward", ops.FORWARD_SCHEMA), ("backward", ops.BACKWARD_SCHEMA)):
         got = op(backend, name).default._schema
         want = torch._C.parse_schema(f"spinalkern::{backend}_head_{name}{schema}")
         assert str(got) == str(want)
-    assert _backends.get(backend).forward_op is op(backend).default
+    if backend in _backends.fused_names():   # (the emulator is a test backend, not registered)
+        assert _backends.get(backend).forward_op is op(backend).default
 
 
-@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("backend", OPS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("case", [CASES[2], CASES[3], CASES[8]], ids=[CASE_IDS[i] for i in (2, 3, 8)])
 def test_half_precision(backend, dtype, case):
@@ -171,12 +192,12 @@ def test_half_precision(backend, dtype, case):
     g = torch.randn(B, C, device=device).to(dtype)
     y, hidden, grads = run_fused(backend, spec, x, ws, bs, 0.0, None, g)
     assert y.dtype == dtype and grads[0].dtype == dtype
-    y_ref, _, g_ref = run_reference(spec, x, ws, bs, 0.0, None, g)
+    y_ref, _, g_ref = run_reference(spec, x, ws, bs, 0.0, None, g, hidden)
     check_all(spec, (y, grads), (y_ref, g_ref),
               torch_at_precision(spec, x, ws, bs, 0.0, None, g), dtype)
 
 
-@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("backend", OPS)
 def test_nan_propagates_like_reference(backend):
     spec = HeadSpec("spinal", 74, 10, 3, 26, 2)
     device = backend_device(backend)
@@ -195,7 +216,7 @@ def test_nan_propagates_like_reference(backend):
         assert rel_err(got.cpu()[ok], want[ok]) <= 2 * GRAD_ERROR_FLOOR[torch.float32]
 
 
-@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("backend", OPS)
 @pytest.mark.parametrize("kind", ["spinal", "progressive"])
 def test_gradients_bitwise_deterministic(backend, kind):
     spec = HeadSpec(kind, 90, 64, 4, 26, 2 if kind == "spinal" else 1)
@@ -209,7 +230,7 @@ def test_gradients_bitwise_deterministic(backend, kind):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("backend", OPS)
 @pytest.mark.parametrize("kind", ["spinal", "progressive"])
 def test_gradcheck_float64_through_op(backend, kind):
     spec = HeadSpec(kind, 6, 4, 2, 3, 2 if kind == "spinal" else 1)
@@ -239,7 +260,7 @@ def test_gradcheck_float64_reference(kind):
     assert torch.autograd.gradcheck(fn, [t.requires_grad_() for t in (x, *ws, *bs)])
 
 
-@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("backend", OPS)
 @pytest.mark.parametrize("kind", ["spinal", "progressive"])
 def test_opcheck(backend, kind):
     spec = HeadSpec(kind, 20, 8, 2, 5, 2 if kind == "spinal" else 1)
@@ -272,7 +293,7 @@ def test_torch_compile_fullgraph(backend):
     assert rel_err(y, ref) < 1e-5 and rel_err(gx, x.grad) < 1e-5
 
 
-@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("backend", OPS)
 def test_torch_compile_op_with_dropout_and_backward(backend):
     torch._dynamo.reset()
     spec = HeadSpec("spinal", 20, 8, 3, 6, 2)
@@ -339,7 +360,7 @@ def _small_head(kind):
     return HeadSpec(kind, 20, 8, 3, 5, 2 if kind == "spinal" else 1)
 
 
-@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("backend", OPS)
 @pytest.mark.parametrize("kind", ["spinal", "progressive"])
 def test_ops_accept_any_strides(backend, kind):
     """Transposed, row- and column-strided and expanded arguments (x, weights, biases, hidden,
@@ -389,7 +410,7 @@ def test_ops_accept_any_strides(backend, kind):
         assert torch.equal(a.grad, b.grad)
 
 
-@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("backend", OPS)
 def test_opcheck_non_contiguous(backend):
     spec = _small_head("spinal")
     device = backend_device(backend)
@@ -407,7 +428,7 @@ def test_opcheck_non_contiguous(backend):
                            0.2))
 
 
-@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("backend", OPS)
 def test_backward_op_checks_everything_the_forward_checks(backend):
     spec = _small_head("spinal")
     device = backend_device(backend)
@@ -460,18 +481,19 @@ def test_backward_op_checks_everything_the_forward_checks(backend):
 
 
 def _penalty_grads(forward, spec, x, ws, bs):
-    """Second derivatives: d/d(x, W, b) of |dL/dx|^2 + |dL/dW_0|^2 with L = sum(c * y)."""
+    """Second derivatives: d/d(x, W, b) of |dL/dx|^2 + |dL/dW_0|^2 + |dL/dW_1|^2 with
+    L = sum(c * y) (dW_1 depends on b_0 through h_0)."""
     leaves = [t.detach().clone().requires_grad_() for t in (x, *ws, *bs)]
     n1 = len(ws)
     y = forward(leaves[0], leaves[1:1 + n1], leaves[1 + n1:])
     c = torch.linspace(-1, 1, y.numel(), dtype=y.dtype, device=y.device).view_as(y)
-    gx, gw0 = torch.autograd.grad((c * y).sum(), [leaves[0], leaves[1]], create_graph=True)
-    penalty = gx.square().sum() + gw0.square().sum()
+    gx, gw0, gw1 = torch.autograd.grad((c * y).sum(), leaves[:3], create_graph=True)
+    penalty = gx.square().sum() + gw0.square().sum() + gw1.square().sum()
     grads = torch.autograd.grad(penalty, leaves, allow_unused=True)
     return [torch.zeros_like(t) if g is None else g for g, t in zip(grads, leaves)]
 
 
-@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("backend", OPS)
 @pytest.mark.parametrize("kind", ["spinal", "progressive"])
 def test_double_backward_matches_reference(backend, kind):
     """create_graph=True through a fused op (a gradient penalty) gives torch's second
@@ -493,9 +515,10 @@ def test_double_backward_matches_reference(backend, kind):
     for name, a, b in zip(names, got, want):
         assert rel_err(a, b) < 1e-10, f"second derivative wrt {name}: {rel_err(a, b):.2e}"
     assert all(want[i].abs().sum() > 0 for i in range(spec.n + 2))  # x and every W: non-zero
+    assert want[spec.n + 2].abs().sum() > 0  # b_0 (through dW_1): the biases take part
 
 
-@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("backend", OPS)
 def test_forward_without_saved_hidden_recomputes_it_in_backward(backend):
     """save_hidden=False keeps only the inputs for backward, which recomputes hidden: the same
     gradients as with hidden saved, dropout masks included."""
@@ -516,7 +539,7 @@ def test_forward_without_saved_hidden_recomputes_it_in_backward(backend):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("backend", OPS)
 def test_differentiating_the_backward_op_raises(backend):
     spec = _small_head("spinal")
     device = backend_device(backend)
@@ -675,7 +698,7 @@ def test_autocast_bf16(backend):
     assert rel_err(y, y_ref) < ERROR_FLOOR[torch.bfloat16]
 
 
-@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("backend", OPS)
 def test_op_zero_batch(backend):
     spec = HeadSpec("spinal", 20, 8, 2, 5, 2)
     device = backend_device(backend)
@@ -788,7 +811,7 @@ def bad_forward_arguments(device):
     return good, cases
 
 
-@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("backend", OPS)
 def test_ops_reject_bad_arguments(backend):
     device = backend_device(backend)
     good, cases = bad_forward_arguments(device)
@@ -880,8 +903,8 @@ def test_property_random_shapes(kind, B, seg, H, n, S, C, dropout):
         x, ws, bs = make_inputs(spec, B, torch.float32, device)
         seed = spinalkern.rng.new_seed(device)
         g = torch.randn(B, C, device=device)
-        y, _, grads = run_fused(backend, spec, x, ws, bs, dropout, seed, g)
-        y_ref, _, g_ref = run_reference(spec, x, ws, bs, dropout, seed, g)
+        y, hidden, grads = run_fused(backend, spec, x, ws, bs, dropout, seed, g)
+        y_ref, _, g_ref = run_reference(spec, x, ws, bs, dropout, seed, g, hidden)
         check_all(spec, (y, grads), (y_ref, g_ref),
                   torch_at_precision(spec, x, ws, bs, dropout, seed, g), torch.float32)
 

@@ -1,8 +1,8 @@
 // The CUDA ops compiled for the CPU emulator (SK_EMU): the same host logic (head_launch.h) and
-// kernels (head_*kernel*.cuh) as spinal_head_{forward,backward}.cu, registered as
-// spinalkern_emu::{head_forward, head_backward, head_bn_forward, head_bn_backward, keep_mask,
-// launch_plan} on CPU tensors, plus
-// set_fault (fault injection, see cuda_emu.h).  Built on demand by the tests
+// kernels (head_*kernel*.cuh) as spinal_head_{forward,backward}.cu, registered on CPU tensors as
+// spinalkern::emu_head_{forward, backward, bn_forward, bn_backward} (the ops of the test backend
+// "emu", see tests/conftest.py) and the tools spinalkern_emu::{keep_mask, launch_plan, set_fault}
+// (fault injection, see cuda_emu.h).  Built on demand by the tests
 // (torch.utils.cpp_extension.load); never shipped.
 #include <torch/library.h>
 
@@ -17,7 +17,7 @@ std::tuple<at::Tensor, at::Tensor> emu_forward(const at::Tensor& x, at::TensorLi
                                                const std::optional<at::Tensor>& seed,
                                                int64_t kind, int64_t num_splits,
                                                double dropout, bool save_hidden) {
-  return spinalkern::dev::head_forward<>("spinalkern_emu::head_forward", x, weights, biases,
+  return spinalkern::dev::head_forward<>("spinalkern::emu_head_forward", x, weights, biases,
                                          seed, kind, num_splits, dropout, save_hidden);
 }
 
@@ -27,7 +27,7 @@ std::tuple<at::Tensor, at::Tensor> emu_backward(const at::Tensor& grad_y, const 
                                                 const std::optional<at::Tensor>& seed,
                                                 int64_t kind, int64_t num_splits,
                                                 double dropout) {
-  return spinalkern::dev::head_backward<>("spinalkern_emu::head_backward", grad_y, x, weights,
+  return spinalkern::dev::head_backward<>("spinalkern::emu_head_backward", grad_y, x, weights,
                                           hidden, seed, kind, num_splits, dropout);
 }
 
@@ -35,7 +35,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> emu_bn_forward(
     const at::Tensor& x, at::TensorList weights, at::TensorList biases, at::TensorList bn_weights,
     at::TensorList bn_biases, const std::optional<at::Tensor>& seed, int64_t num_splits,
     double dropout, double eps, bool save_for_backward) {
-  return spinalkern::dev::head_bn_forward<>("spinalkern_emu::head_bn_forward", x, weights, biases,
+  return spinalkern::dev::head_bn_forward<>("spinalkern::emu_head_bn_forward", x, weights, biases,
                                             bn_weights, bn_biases, seed, num_splits, dropout, eps,
                                             save_for_backward);
 }
@@ -45,7 +45,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> emu_bn_backward(
     at::TensorList bn_weights, const at::Tensor& hidden, const at::Tensor& z,
     const at::Tensor& stats, const std::optional<at::Tensor>& seed, int64_t num_splits,
     double dropout) {
-  return spinalkern::dev::head_bn_backward<>("spinalkern_emu::head_bn_backward", grad_y, x,
+  return spinalkern::dev::head_bn_backward<>("spinalkern::emu_head_bn_backward", grad_y, x,
                                              weights, bn_weights, hidden, z, stats, seed,
                                              num_splits, dropout);
 }
@@ -65,20 +65,30 @@ void emu_set_fault(const std::string& name) { sk_emu::set_fault(name); }
 
 }  // namespace
 
+// The head ops: the same schemas as every backend's, in spinalkern's namespace, so that the
+// tests give them the shared fake and autograd implementations (spinalkern.ops) and run the
+// conformance suite on them as the backend "emu".
+TORCH_LIBRARY_FRAGMENT(spinalkern, m) {
+  m.def("emu_head_forward" SK_HEAD_FORWARD_SCHEMA);
+  m.def("emu_head_backward" SK_HEAD_BACKWARD_SCHEMA);
+  m.def("emu_head_bn_forward" SK_HEAD_BN_FORWARD_SCHEMA);
+  m.def("emu_head_bn_backward" SK_HEAD_BN_BACKWARD_SCHEMA);
+}
+
+TORCH_LIBRARY_IMPL(spinalkern, CPU, m) {
+  m.impl("emu_head_forward", &emu_forward);
+  m.impl("emu_head_backward", &emu_backward);
+  m.impl("emu_head_bn_forward", &emu_bn_forward);
+  m.impl("emu_head_bn_backward", &emu_bn_backward);
+}
+
+// Emulator tools
 TORCH_LIBRARY(spinalkern_emu, m) {
-  m.def("head_forward" SK_HEAD_FORWARD_SCHEMA);
-  m.def("head_backward" SK_HEAD_BACKWARD_SCHEMA);
-  m.def("head_bn_forward" SK_HEAD_BN_FORWARD_SCHEMA);
-  m.def("head_bn_backward" SK_HEAD_BN_BACKWARD_SCHEMA);
   m.def("keep_mask" SK_KEEP_MASK_SCHEMA);
   m.def("launch_plan" SK_LAUNCH_PLAN_SCHEMA, &emu_launch_plan);
   m.def("set_fault(str name) -> ()", &emu_set_fault);
 }
 
 TORCH_LIBRARY_IMPL(spinalkern_emu, CPU, m) {
-  m.impl("head_forward", &emu_forward);
-  m.impl("head_backward", &emu_backward);
-  m.impl("head_bn_forward", &emu_bn_forward);
-  m.impl("head_bn_backward", &emu_bn_backward);
   m.impl("keep_mask", &emu_keep_mask);
 }
