@@ -124,13 +124,7 @@ class _Head(nn.Module):
         """The fused BN op (batch statistics), then the running statistics updated from its
         ``stats`` as BatchNorm1d updates them (in place, on the device)."""
         norms = list(self.norms)
-        ws, bs = self._params()
-        dev = x.device.type
-        if torch.is_autocast_enabled(dev):
-            dtype = torch.get_autocast_dtype(dev)
-            x = x.to(dtype)
-            ws = [w.to(dtype) for w in ws]
-            bs = [b.to(dtype) for b in bs]
+        x, ws, bs = _autocast(x, *self._params())
         acc = ops.bn_accumulation_dtype(x)  # gamma and beta stay in the accumulation dtype
         gammas = [bn.weight.to(acc) for bn in norms] if norms[0].affine else []
         betas = [bn.bias.to(acc) for bn in norms] if norms[0].affine else []
@@ -152,15 +146,20 @@ class _Head(nn.Module):
         return y
 
 
-def _run_op(op, spec: HeadSpec, x, weights, biases, dropout: float):
-    """Call a fused forward op: cast for autocast, draw the dropout seed, and save the hidden
-    activations only when a backward can follow."""
+def _autocast(x, weights, biases):
+    """x, weights and biases in the autocast dtype when autocast is on for x's device (the
+    fused ops compute in one dtype)."""
     dev = x.device.type
     if torch.is_autocast_enabled(dev):
         dtype = torch.get_autocast_dtype(dev)
-        x = x.to(dtype)
-        weights = [w.to(dtype) for w in weights]
-        biases = [b.to(dtype) for b in biases]
+        return x.to(dtype), [w.to(dtype) for w in weights], [b.to(dtype) for b in biases]
+    return x, weights, biases
+
+
+def _run_op(op, spec: HeadSpec, x, weights, biases, dropout: float):
+    """Call a fused forward op: cast for autocast, draw the dropout seed, and save the hidden
+    activations only when a backward can follow."""
+    x, weights, biases = _autocast(x, weights, biases)
     # (without autocast the op itself checks that every weight has x's dtype; it also accepts
     # any strides)
     seed = new_seed(x.device) if dropout > 0.0 else None
