@@ -249,6 +249,24 @@ def test_gradcheck_float64_through_op(backend, kind):
 
 
 @pytest.mark.parametrize("kind", ["spinal", "progressive"])
+@pytest.mark.parametrize("p", [0.0, 0.4])
+def test_teacher_forced_reference_is_the_reference(kind, p):
+    """The gradient oracle (reference_forward with hidden teacher-forced) is the reference
+    itself when forced to the reference's own activations: same y, same gradients."""
+    spec = HeadSpec(kind, 24, 8, 3, 5, 3 if kind == "spinal" else 1)
+    x, ws, bs = make_inputs(spec, 17, torch.float64, "cpu")
+    g = torch.randn(17, 5, dtype=torch.float64)
+    seed = torch.tensor([1234], dtype=torch.int64)
+    y, h, grads = run_reference(spec, x, ws, bs, p, seed, g)
+    y_f, h_f, grads_f = run_reference(spec, x, ws, bs, p, seed, g, hidden=h)
+    assert torch.equal(y, y_f) and torch.equal(h, h_f)
+    y_forced = reference_forward(spec, x, ws, bs, p, seed, hidden=h)
+    assert torch.allclose(y_forced, y, rtol=1e-13, atol=1e-13)
+    for a, b in zip(grads, grads_f):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("kind", ["spinal", "progressive"])
 def test_gradcheck_float64_reference(kind):
     spec = HeadSpec(kind, 6, 4, 3, 3, 2 if kind == "spinal" else 1)
     x, ws, bs = make_inputs(spec, 4, torch.float64, "cpu")
@@ -448,6 +466,8 @@ def test_backward_op_checks_everything_the_forward_checks(backend):
          "seed must be a one-element int64"),
         (dict(num_splits=4), ValueError, "must not exceed num_layers"),
         (dict(hidden=h[:, 1:]), ValueError, "hidden has shape"),
+        (dict(hidden=torch.empty(0, device=device)), ValueError, "hidden has shape"),
+        (dict(grad_y=g[:, :-1]), ValueError, "grad_y has shape"),
         # one argument on the meta device: an error, never uninitialised real tensors
         (dict(x=x.to(meta)), ValueError, "is on"),
         (dict(hidden=h.to(meta)), ValueError, "hidden is on meta"),
@@ -526,7 +546,7 @@ def test_forward_without_saved_hidden_recomputes_it_in_backward(backend):
     device = backend_device(backend)
     x, ws, bs = make_inputs(spec, 4, torch.float32, device)
     seed = spinalkern.rng.new_seed(device)
-    grads = []
+    grads, ys = [], []
     for save_hidden in (True, False):
         leaves = [t.detach().clone().requires_grad_() for t in (x, *ws, *bs)]
         n1 = len(ws)
@@ -535,6 +555,8 @@ def test_forward_without_saved_hidden_recomputes_it_in_backward(backend):
         assert h.shape == ((4, spec.n * spec.H) if save_hidden else (0,))
         (y * torch.arange(y.numel(), device=device).view_as(y)).sum().backward()
         grads.append([t.grad for t in leaves])
+        ys.append(y.detach())
+    assert torch.equal(ys[0], ys[1])
     for a, b in zip(*grads):
         assert torch.equal(a, b)
 
