@@ -197,7 +197,7 @@ BENCH_BATCH = 1024 if GPU else 64
 BENCH_DTYPE = "bf16" if GPU else "fp32"
 
 
-def _backends():
+def _timed_backends():
     import spinalkern
     out = spinalkern.available_backends(DEVICE)
     if not GPU:  # Triton's CPU interpreter is for correctness, not worth timing
@@ -207,7 +207,7 @@ def _backends():
 
 @pytest.mark.parametrize("pass_", ["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("config", ["spinal_vgg5", "progressive_vgg5"])
-@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("backend", _timed_backends())
 def test_head_benchmark(benchmark, backend, config, pass_):
     cell = heads.Cell(heads.head_by_name(config), BENCH_BATCH, BENCH_DTYPE, pass_, DEVICE)
     m = cell.module(backend)
