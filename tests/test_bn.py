@@ -401,6 +401,49 @@ def test_module_training_steps_and_running_stats(backend, momentum, dropout):
 
 
 @pytest.mark.parametrize("backend", BN_BACKENDS)
+def test_training_run_tracks_the_reference_with_the_same_masks(backend):
+    """A training run (the VGG-5 head with BN and dropout 0.5, Adam, fresh batches) through
+    the fused BN op follows the eager reference given the same dropout masks: the losses agree
+    step after step and so do the parameters at the end (the hidden biases aside: their true
+    gradient is zero, so Adam moves them by rounding noise, which BN removes).  Dropout masks
+    of the eager "torch" backend come from torch's own RNG, so two runs on the two paths are
+    different random runs; this pins the fused run to the reference step by step."""
+    steps = 100 if backend == "cuda" and DEVICE == "cpu" else 6  # (Triton: its interpreter)
+    torch.manual_seed(0)
+    head = SpinalHead(64, 10, 32, 4, 2, dropout=0.5, batch_norm=True, backend=backend).to(DEVICE)
+    ref = copy.deepcopy(head).cpu().double()
+    opt = torch.optim.Adam(head.parameters(), 1e-3)
+    opt_ref = torch.optim.Adam(ref.parameters(), 1e-3)
+    w = torch.randn(64, 10)
+    losses = []
+    for k in range(steps):
+        x = torch.randn(64, 64)
+        target = (x @ w + 0.5 * torch.randn(64, 10)).argmax(1)
+        torch.manual_seed(1000 + k)
+        loss = F.cross_entropy(head(x.to(DEVICE)), target.to(DEVICE))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        torch.manual_seed(1000 + k)  # the seed the head drew for its dropout masks
+        seed = new_seed(DEVICE).cpu()
+        y_ref = reference_forward(ref.spec, x.double(), ref.weights(), ref.biases(), 0.5, seed,
+                                  norms=list(ref.norms))
+        loss_ref = F.cross_entropy(y_ref, target)
+        opt_ref.zero_grad()
+        loss_ref.backward()
+        opt_ref.step()
+        losses.append((loss.item(), loss_ref.item()))
+    assert all(abs(a - b) <= 1e-2 * b for a, b in losses), losses
+    if steps >= 100:
+        assert losses[-1][1] < 0.9 * losses[0][1]  # it learned something
+    for (name, p), p_ref in zip(head.named_parameters(), ref.parameters()):
+        if not (name.startswith("layers.") and name.endswith(".bias")):
+            assert rel_err(p, p_ref) < 1e-2, (name, rel_err(p, p_ref))
+    for bn, bn_ref in zip(head.norms, ref.norms):
+        assert rel_err(bn.running_var, bn_ref.running_var) < 1e-2
+
+
+@pytest.mark.parametrize("backend", BN_BACKENDS)
 def test_module_train_eval_switching_and_affine_false(backend):
     head, ref = make_heads(backend, affine=False)
     x = torch.randn(7, 38, device=DEVICE)
