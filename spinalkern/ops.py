@@ -287,23 +287,42 @@ def _fake_bn_backward(grad_y, x, weights, bn_weights, hidden, z, stats, seed, nu
 
 # -- double backward -----------------------------------------------------------------------------
 def differentiable_backward(grad_y, x, weights, biases, hidden, seed, kind, num_splits,
-                            dropout):
+                            dropout, bn=None):
     """(grad_x, [dW_L], [db_L]) of the backward op, computed with differentiable torch ops so
     that autograd can differentiate it again (``create_graph=True``, e.g. a gradient penalty).
 
     The forward is recomputed from the reference formulas with every h_i teacher-forced to the
     saved activations (``reference_forward(..., hidden=...)``): the first derivatives are the
     backward op's, ReLU masks and dropout masks included; second derivatives flow through x,
-    the weights, the biases (layer L+1's dW depends on b_L through h_L) and grad_y."""
+    the weights, the biases (layer L+1's dW depends on b_L through h_L) and grad_y.
+
+    ``bn``: ``(bn_weights, bn_biases, eps)`` of the BatchNorm head: its hidden layers normalise
+    with torch's batch_norm on the batch statistics, and ([dgamma_i], [dbeta_i]) follow."""
     spec = check_backward_args(grad_y, x, weights, hidden, seed, kind, num_splits, dropout)
+    bn_weights, bn_biases, eps = bn if bn is not None else ((), (), 0.0)
     with torch.enable_grad():
         leaves = [t if t.requires_grad else t.detach().requires_grad_()
-                  for t in (x, *weights, *biases)]
-        n1 = len(weights)
-        y = reference_forward(spec, leaves[0], leaves[1:1 + n1], leaves[1 + n1:], dropout,
-                              seed if dropout > 0.0 else None, hidden=hidden)
-        grads = torch.autograd.grad(y, leaves, grad_y, create_graph=True)
-    return grads[0], list(grads[1:1 + n1]), list(grads[1 + n1:])
+                  for t in (x, *weights, *biases, *bn_weights, *bn_biases)]
+        n1, nb = len(weights), len(bn_weights)
+        ws, bs = leaves[1:1 + n1], leaves[1 + n1:1 + 2 * n1]
+        gammas, betas = leaves[1 + 2 * n1:1 + 2 * n1 + nb], leaves[1 + 2 * n1 + nb:]
+        norms = None
+        if bn is not None:
+            acc = bn_accumulation_dtype(x)
+
+            def norm(i):
+                return lambda z: torch.nn.functional.batch_norm(
+                    z.to(acc), None, None, gammas[i] if nb else None, betas[i] if nb else None,
+                    True, 0.0, eps).to(z.dtype)
+            norms = [norm(i) for i in range(spec.n)]
+        y = reference_forward(spec, leaves[0], ws, bs, dropout, seed if dropout > 0.0 else None,
+                              norms=norms, hidden=hidden)
+        g = list(torch.autograd.grad(y, leaves, grad_y, create_graph=True, allow_unused=True))
+    g = [torch.zeros_like(t) if d is None else d for d, t in zip(g, leaves)]
+    grads = (g[0], g[1:1 + n1], g[1 + n1:1 + 2 * n1])
+    if bn is None:
+        return grads
+    return grads + (g[1 + 2 * n1:1 + 2 * n1 + nb], g[1 + 2 * n1 + nb:])
 
 
 # -- saving or recomputing hidden ------------------------------------------------------------------
@@ -418,29 +437,10 @@ def _make_autograd(forward_op, backward_op):
 def differentiable_bn_backward(grad_y, x, weights, biases, bn_weights, bn_biases, hidden, seed,
                                num_splits, dropout, eps):
     """(grad_x, [dW_L], [db_L], [dgamma_i], [dbeta_i]) of the BN backward op with
-    differentiable torch ops (``create_graph=True``): the forward is recomputed from the
-    reference formulas with torch's batch_norm on the batch statistics and every h_i
-    teacher-forced to the saved activations, as in :func:`differentiable_backward`.  The
-    biases and betas take part as well (their values are forced away, but the first
-    derivatives depend on them through the activations)."""
-    spec = check_backward_args(grad_y, x, weights, hidden, seed, 0, num_splits, dropout)
-    with torch.enable_grad():
-        leaves = [t if t.requires_grad else t.detach().requires_grad_()
-                  for t in (x, *weights, *biases, *bn_weights, *bn_biases)]
-        n1, nb = len(weights), len(bn_weights)
-        ws, bs = leaves[1:1 + n1], leaves[1 + n1:1 + 2 * n1]
-        gammas, betas = leaves[1 + 2 * n1:1 + 2 * n1 + nb], leaves[1 + 2 * n1 + nb:]
-
-        def norm(i):
-            return lambda z: torch.nn.functional.batch_norm(
-                z.to(bn_accumulation_dtype(x)), None, None, gammas[i] if nb else None,
-                betas[i] if nb else None, True, 0.0, eps).to(z.dtype)
-        y = reference_forward(spec, leaves[0], ws, bs, dropout, seed if dropout > 0.0 else None,
-                              norms=[norm(i) for i in range(spec.n)], hidden=hidden)
-        g = list(torch.autograd.grad(y, leaves, grad_y, create_graph=True, allow_unused=True))
-    g = [torch.zeros_like(t) if d is None else d for d, t in zip(g, leaves)]
-    return (g[0], g[1:1 + n1], g[1 + n1:1 + 2 * n1], g[1 + 2 * n1:1 + 2 * n1 + nb],
-            g[1 + 2 * n1 + nb:])
+    differentiable torch ops (``create_graph=True``): :func:`differentiable_backward` of the
+    spinal head with its BatchNorm."""
+    return differentiable_backward(grad_y, x, weights, biases, hidden, seed, 0, num_splits,
+                                   dropout, bn=(bn_weights, bn_biases, eps))
 
 
 def _backward_op_backward(ctx, *grads):
