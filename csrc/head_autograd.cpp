@@ -1,8 +1,9 @@
 // Autograd of spinalkern::cuda_head_forward, in C++ (registered for every device at the
 // Autograd dispatch key), so that a backward runs in the C++ autograd engine without Python:
 //
-//   forward:  the op below autograd (CPU or CUDA kernel), saving x, hidden, seed, weights and
-//             biases (save_hidden=false: no hidden; backward recomputes it).
+//   forward:  the op below autograd (CPU or CUDA kernel), then one gradient Node (a plain
+//             torch::autograd::Node, HeadBackwardNode) saving x, hidden, seed, weights and
+//             biases as SavedVariables (save_hidden=false: no hidden; backward recomputes it).
 //   backward: spinalkern::cuda_head_backward, whose flat grad_params is handed out as views
 //             (dW_L, db_L) of that one buffer.
 //   backward with create_graph=True (a double backward, e.g. a gradient penalty): the same
@@ -24,6 +25,8 @@
 #include <ATen/ops/where.h>
 #include <ATen/ops/zeros_like.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/saved_variable.h>
 #include <torch/library.h>
 
 #include <optional>
@@ -37,6 +40,7 @@ namespace spinalkern {
 namespace {
 
 using torch::autograd::AutogradContext;
+using torch::autograd::SavedVariable;
 using torch::autograd::variable_list;
 
 using ForwardFn = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, at::TensorList,
@@ -72,6 +76,46 @@ const c10::TypedOperatorHandle<KeepMaskFn>& keep_mask_op() {
 
 std::optional<at::Tensor> opt(const at::Tensor& t) {
   return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
+}
+
+// Appends dW_L (N_L, K_L) for every weight, then db_L (N_L,), as plain tensors over the flat
+// grad_params buffer (made below autograd: no view tracking, as no graph is recorded here).
+void append_param_grads(const at::Tensor& flat, const std::vector<at::Tensor>& weights,
+                        variable_list& out) {
+  at::AutoDispatchBelowADInplaceOrView below;
+  const size_t first = out.size(), count = weights.size();
+  out.resize(first + 2 * count);
+  int64_t off = flat.storage_offset();
+  for (size_t L = 0; L < count; ++L) {
+    const int64_t N = weights[L].size(0), K = weights[L].size(1);
+    out[first + L] = flat.as_strided({N, K}, {K, 1}, off);
+    out[first + count + L] = flat.as_strided({N}, {1}, off + N * K);
+    off += N * K + N;
+  }
+}
+
+std::vector<SavedVariable> save_all(at::TensorList ts) {
+  std::vector<SavedVariable> out;
+  out.reserve(ts.size());
+  for (const auto& t : ts) out.emplace_back(t, false);
+  return out;
+}
+
+std::vector<at::Tensor> unpack_all(const std::vector<SavedVariable>& vs) {
+  std::vector<at::Tensor> out;
+  out.reserve(vs.size());
+  for (const auto& v : vs) out.push_back(v.unpack());
+  return out;
+}
+
+// Forward-mode AD (dual tensors) has no formula here: say so instead of dropping tangents.
+void check_no_forward_grad(const char* op, const at::Tensor& x,
+                           std::initializer_list<at::TensorList> lists) {
+  bool dual = x._fw_grad(/*level=*/0).defined();
+  for (at::TensorList ts : lists)
+    for (const auto& t : ts) dual = dual || (t.defined() && t._fw_grad(/*level=*/0).defined());
+  TORCH_CHECK(!dual, op, " has no forward-mode AD formula (an input is a dual tensor); "
+              "differentiate it in reverse mode (backward or torch.autograd.grad)");
 }
 
 // The BatchNorm of the BN head's hidden layers in a differentiable backward: gamma_i and
@@ -147,89 +191,58 @@ variable_list differentiable_backward(const at::Tensor& grad_y, const at::Tensor
                                /*create_graph=*/true, /*allow_unused=*/true);
 }
 
-struct HeadForward : public torch::autograd::Function<HeadForward> {
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, at::TensorList weights,
-                               at::TensorList biases, const std::optional<at::Tensor>& seed,
-                               int64_t kind, int64_t num_splits, double dropout,
-                               bool save_hidden) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    auto [y, hidden] = forward_op().call(x, weights, biases, seed, kind, num_splits, dropout,
-                                         save_hidden);
-    ctx->mark_non_differentiable({hidden});
-    ctx->set_materialize_grads(false);  // no zeros for hidden's (unused) gradient
-    ctx->saved_data["kind"] = kind;
-    ctx->saved_data["num_splits"] = num_splits;
-    ctx->saved_data["dropout"] = dropout;
-    ctx->saved_data["save_hidden"] = save_hidden;
-    ctx->saved_data["num_weights"] = (int64_t)weights.size();
-    // save_hidden: keep x, hidden, seed, weights, biases; otherwise keep the inputs only (x,
-    // seed, weights, biases) and recompute hidden in backward with one more forward.  (The
-    // biases: for that recomputation and for a differentiable backward.)
-    variable_list keep;
-    keep.reserve(3 + 2 * weights.size());
-    keep.push_back(x);
-    if (save_hidden) keep.push_back(hidden);
-    keep.push_back(seed.has_value() ? *seed : at::Tensor());
-    keep.insert(keep.end(), weights.begin(), weights.end());
-    keep.insert(keep.end(), biases.begin(), biases.end());
-    ctx->save_for_backward(keep);
-    return {y, hidden};
+// The gradient node of one head call: a plain autograd Node holding what backward needs (a
+// torch::autograd::Function would add a context dictionary, per-input metadata and a wrapper
+// around every call: microseconds per call, at sizes where the call is all that costs).
+// Inputs: grad_y.  Outputs (next edges): x, weights..., biases...  The saved tensors are
+// SavedVariables, so modifying one in place before backward, or a second backward without
+// retain_graph, raises autograd's usual errors.
+struct HeadBackwardNode : public torch::autograd::Node {
+  int64_t kind = 0, num_splits = 1;
+  double dropout = 0.0;
+  bool save_hidden = true;  // false: hidden is recomputed from the inputs in backward
+  SavedVariable x, hidden, seed;
+  std::vector<SavedVariable> weights, biases;
+
+  std::string name() const override { return "SpinalkernHeadBackward"; }
+
+  void release_variables() override {
+    for (SavedVariable* v : {&x, &hidden, &seed}) v->reset_data();
+    for (auto& v : weights) v.reset_data();
+    for (auto& v : biases) v.reset_data();
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const int64_t kind = ctx->saved_data["kind"].toInt();
-    const int64_t num_splits = ctx->saved_data["num_splits"].toInt();
-    const double dropout = ctx->saved_data["dropout"].toDouble();
-    const bool save_hidden = ctx->saved_data["save_hidden"].toBool();
-    const int64_t num_weights = ctx->saved_data["num_weights"].toInt();
-    const variable_list saved = ctx->get_saved_variables();
-    const int first_weight = save_hidden ? 3 : 2;
-    const at::Tensor& x = saved[0];
-    const at::Tensor& seed = saved[first_weight - 1];
-    const std::vector<at::Tensor> weights(saved.begin() + first_weight,
-                                          saved.begin() + first_weight + num_weights);
-    const std::vector<at::Tensor> biases(saved.begin() + first_weight + num_weights,
-                                         saved.end());
-    at::Tensor hidden;
+  variable_list apply(variable_list&& grads) override {
+    const at::Tensor& grad_y = grads[0];
+    const size_t num_grads = 1 + weights.size() + biases.size();
+    variable_list out;
+    if (!grad_y.defined()) {  // y did not reach the loss: no gradients
+      out.resize(num_grads);
+      return out;
+    }
+    const at::Tensor x_ = x.unpack(), seed_ = seed.unpack();
+    const std::vector<at::Tensor> ws = unpack_all(weights);
+    std::vector<at::Tensor> bs;
+    at::Tensor hidden_;
     if (save_hidden) {
-      hidden = saved[1];
+      hidden_ = hidden.unpack();
     } else {  // recompute hidden from the inputs (no graph: hidden is not differentiated)
+      bs = unpack_all(biases);
       at::NoGradGuard no_grad;
       at::AutoDispatchBelowADInplaceOrView below;
-      hidden = std::get<1>(forward_op().call(x, weights, biases, opt(seed), kind, num_splits,
-                                             dropout, true));
+      hidden_ = std::get<1>(forward_op().call(x_, ws, bs, opt(seed_), kind, num_splits, dropout,
+                                              true));
     }
-    const at::Tensor& grad_y = grads[0];
-
-    // gradients in the order of forward's arguments: x, weights, biases (as many as weights,
-    // checked by the op), then seed, kind, num_splits, dropout, save_hidden (none)
-    const size_t num_grads = 1 + 2 * weights.size() + 5;
-    variable_list out;
+    if (at::GradMode::is_enabled()) {  // create_graph=True
+      if (bs.empty()) bs = unpack_all(biases);
+      return differentiable_backward(grad_y, x_, ws, bs, hidden_, seed_, kind, num_splits,
+                                     dropout);
+    }
+    auto [grad_x, flat] = backward_op().call(grad_y, x_, ws, hidden_, opt(seed_), kind,
+                                             num_splits, dropout);
     out.reserve(num_grads);
-    if (!grad_y.defined()) {  // y did not reach the loss: no gradients
-    } else if (at::GradMode::is_enabled()) {  // create_graph=True
-      variable_list g = differentiable_backward(grad_y, x, weights, biases, hidden, seed, kind,
-                                                num_splits, dropout);
-      out = std::move(g);
-    } else {
-      auto [grad_x, flat] = backward_op().call(grad_y, x, weights, hidden, opt(seed), kind,
-                                               num_splits, dropout);
-      out.push_back(grad_x);
-      // plain tensors over the flat buffer's storage, made below autograd (no view tracking
-      // needed: no graph is recorded here)
-      at::AutoDispatchBelowADInplaceOrView below;
-      std::vector<at::Tensor> dbs;
-      dbs.reserve(weights.size());
-      int64_t off = flat.storage_offset();
-      for (const auto& w : weights) {  // views of the flat gradient
-        const int64_t N = w.size(0), K = w.size(1);
-        out.push_back(flat.as_strided({N, K}, {K, 1}, off));
-        dbs.push_back(flat.as_strided({N}, {1}, off + N * K));
-        off += N * K + N;
-      }
-      out.insert(out.end(), dbs.begin(), dbs.end());
-    }
-    out.resize(num_grads);  // seed and the scalars: no gradient
+    out.push_back(grad_x);
+    append_param_grads(flat, ws, out);
     return out;
   }
 };
@@ -238,16 +251,29 @@ std::tuple<at::Tensor, at::Tensor> head_forward_autograd(
     const at::Tensor& x, at::TensorList weights, at::TensorList biases,
     const std::optional<at::Tensor>& seed, int64_t kind, int64_t num_splits, double dropout,
     bool save_hidden) {
-  bool requires_grad = x.requires_grad();
-  for (const auto& t : weights) requires_grad = requires_grad || t.requires_grad();
-  for (const auto& t : biases) requires_grad = requires_grad || t.requires_grad();
-  if (!at::GradMode::is_enabled() || !requires_grad) {  // no graph to record
+  const bool record = torch::autograd::compute_requires_grad(x, weights, biases);
+  check_no_forward_grad("spinalkern::cuda_head_forward", x, {weights, biases});
+  at::Tensor y, hidden;
+  {
     at::AutoDispatchBelowADInplaceOrView guard;
-    return forward_op().call(x, weights, biases, seed, kind, num_splits, dropout, save_hidden);
+    std::tie(y, hidden) = forward_op().call(x, weights, biases, seed, kind, num_splits,
+                                            dropout, save_hidden);
   }
-  variable_list out = HeadForward::apply(x, weights, biases, seed, kind, num_splits, dropout,
-                                         save_hidden);
-  return {out[0], out[1]};
+  if (!record) return {y, hidden};
+  auto node = std::shared_ptr<HeadBackwardNode>(new HeadBackwardNode(),
+                                                torch::autograd::deleteNode);
+  node->set_next_edges(torch::autograd::collect_next_edges(x, weights, biases));
+  node->kind = kind;
+  node->num_splits = num_splits;
+  node->dropout = dropout;
+  node->save_hidden = save_hidden;
+  node->x = SavedVariable(x, false);
+  if (save_hidden) node->hidden = SavedVariable(hidden, false);
+  if (seed.has_value()) node->seed = SavedVariable(*seed, false);
+  node->weights = save_all(weights);
+  node->biases = save_all(biases);
+  torch::autograd::set_history(y, node);  // hidden is not differentiable: no history
+  return {y, hidden};
 }
 
 // The backward op's own autograd: it has no derivative; differentiating it raises.
@@ -318,75 +344,45 @@ const c10::TypedOperatorHandle<BnBackwardFn>& bn_backward_op() {
   return op;
 }
 
-struct BnHeadForward : public torch::autograd::Function<BnHeadForward> {
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, at::TensorList weights,
-                               at::TensorList biases, at::TensorList bn_weights,
-                               at::TensorList bn_biases, const std::optional<at::Tensor>& seed,
-                               int64_t num_splits, double dropout, double eps,
-                               bool save_for_backward) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    auto [y, hidden, z, stats] = bn_forward_op().call(x, weights, biases, bn_weights, bn_biases,
-                                                      seed, num_splits, dropout, eps, true);
-    ctx->saved_data["num_splits"] = num_splits;
-    ctx->saved_data["dropout"] = dropout;
-    ctx->saved_data["eps"] = eps;
-    ctx->saved_data["num_weights"] = (int64_t)weights.size();
-    // (biases and betas: only for a differentiable backward, create_graph=True)
-    variable_list keep{x, hidden, z, stats, seed.has_value() ? *seed : at::Tensor()};
-    keep.insert(keep.end(), weights.begin(), weights.end());
-    keep.insert(keep.end(), bn_weights.begin(), bn_weights.end());
-    keep.insert(keep.end(), biases.begin(), biases.end());
-    keep.insert(keep.end(), bn_biases.begin(), bn_biases.end());
-    ctx->save_for_backward(keep);
-    if (!save_for_backward) hidden = z = at::empty({0}, x.options());
-    ctx->mark_non_differentiable({hidden, z, stats});
-    ctx->set_materialize_grads(false);
-    return {y, hidden, z, stats};
+struct BnHeadBackwardNode : public torch::autograd::Node {
+  int64_t num_splits = 1;
+  double dropout = 0.0, eps = 0.0;
+  SavedVariable x, hidden, z, stats, seed;
+  // weights and gammas for the backward op; biases and betas for a differentiable backward
+  std::vector<SavedVariable> weights, gammas, biases, betas;
+
+  std::string name() const override { return "SpinalkernBnHeadBackward"; }
+
+  void release_variables() override {
+    for (SavedVariable* v : {&x, &hidden, &z, &stats, &seed}) v->reset_data();
+    for (auto* list : {&weights, &gammas, &biases, &betas})
+      for (auto& v : *list) v.reset_data();
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const int64_t num_splits = ctx->saved_data["num_splits"].toInt();
-    const double dropout = ctx->saved_data["dropout"].toDouble();
-    const int64_t num_weights = ctx->saved_data["num_weights"].toInt();
-    const variable_list saved = ctx->get_saved_variables();
-    const at::Tensor &x = saved[0], &hidden = saved[1], &z = saved[2], &stats = saved[3],
-                     &seed = saved[4];
-    const int64_t num_bn = ((int64_t)saved.size() - 5 - 2 * num_weights) / 2;
-    auto part = [&](int64_t begin, int64_t count) {
-      return std::vector<at::Tensor>(saved.begin() + begin, saved.begin() + begin + count);
-    };
-    const std::vector<at::Tensor> weights = part(5, num_weights);
-    const std::vector<at::Tensor> bn_weights = part(5 + num_weights, num_bn);
+  variable_list apply(variable_list&& grads) override {
     const at::Tensor& grad_y = grads[0];
-    // x, weights, biases, bn_weights, bn_biases (as many as bn_weights), then seed,
-    // num_splits, dropout, eps, save_for_backward (none)
-    const size_t num_grads = 1 + 2 * weights.size() + 2 * bn_weights.size() + 5;
+    // x, weights, biases, gammas, betas
+    const size_t num_grads = 1 + 2 * weights.size() + 2 * gammas.size();
     variable_list out;
-    if (grad_y.defined() && at::GradMode::is_enabled()) {  // create_graph=True
-      BnParams bn{bn_weights, part(5 + num_weights + num_bn + num_weights, num_bn),
-                  ctx->saved_data["eps"].toDouble()};
-      out = differentiable_backward(grad_y, x, weights, part(5 + num_weights + num_bn,
-                                                             num_weights),
-                                    hidden, seed, /*kind=*/0, num_splits, dropout, &bn);
-    } else if (grad_y.defined()) {  // else y did not reach the loss: no gradients
-      auto [grad_x, flat, grad_bn] = bn_backward_op().call(grad_y, x, weights, bn_weights, hidden,
-                                                           z, stats, opt(seed), num_splits,
-                                                           dropout);
-      out.push_back(grad_x);
-      at::AutoDispatchBelowADInplaceOrView below;  // plain views, no graph recorded here
-      std::vector<at::Tensor> dbs;
-      int64_t off = flat.storage_offset();
-      for (const auto& w : weights) {
-        const int64_t N = w.size(0), K = w.size(1);
-        out.push_back(flat.as_strided({N, K}, {K, 1}, off));
-        dbs.push_back(flat.as_strided({N}, {1}, off + N * K));
-        off += N * K + N;
-      }
-      out.insert(out.end(), dbs.begin(), dbs.end());
-      for (int part : {0, 1})  // dgamma_i, then dbeta_i
-        for (size_t i = 0; i < bn_weights.size(); ++i) out.push_back(grad_bn[i][part]);
+    if (!grad_y.defined()) {  // y did not reach the loss: no gradients
+      out.resize(num_grads);
+      return out;
     }
-    out.resize(num_grads);
+    const at::Tensor x_ = x.unpack(), hidden_ = hidden.unpack(), seed_ = seed.unpack();
+    const std::vector<at::Tensor> ws = unpack_all(weights), gs = unpack_all(gammas);
+    if (at::GradMode::is_enabled()) {  // create_graph=True
+      BnParams bn{gs, unpack_all(betas), eps};
+      return differentiable_backward(grad_y, x_, ws, unpack_all(biases), hidden_, seed_,
+                                     /*kind=*/0, num_splits, dropout, &bn);
+    }
+    auto [grad_x, flat, grad_bn] = bn_backward_op().call(grad_y, x_, ws, gs, hidden_,
+                                                         z.unpack(), stats.unpack(),
+                                                         opt(seed_), num_splits, dropout);
+    out.reserve(num_grads);
+    out.push_back(grad_x);
+    append_param_grads(flat, ws, out);
+    for (int part : {0, 1})  // dgamma_i, then dbeta_i
+      for (size_t i = 0; i < gs.size(); ++i) out.push_back(grad_bn[i][part]);
     return out;
   }
 };
@@ -395,17 +391,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> head_bn_forward_autog
     const at::Tensor& x, at::TensorList weights, at::TensorList biases, at::TensorList bn_weights,
     at::TensorList bn_biases, const std::optional<at::Tensor>& seed, int64_t num_splits,
     double dropout, double eps, bool save_for_backward) {
-  bool requires_grad = x.requires_grad();
-  for (at::TensorList ts : {weights, biases, bn_weights, bn_biases})
-    for (const auto& t : ts) requires_grad = requires_grad || t.requires_grad();
-  if (!at::GradMode::is_enabled() || !requires_grad) {
+  const bool record =
+      torch::autograd::compute_requires_grad(x, weights, biases, bn_weights, bn_biases);
+  check_no_forward_grad("spinalkern::cuda_head_bn_forward", x,
+                        {weights, biases, bn_weights, bn_biases});
+  at::Tensor y, hidden, z, stats;
+  {
     at::AutoDispatchBelowADInplaceOrView guard;
-    return bn_forward_op().call(x, weights, biases, bn_weights, bn_biases, seed, num_splits,
-                                dropout, eps, save_for_backward);
+    // a recorded graph needs hidden, z and stats in backward, whatever the caller asked for
+    std::tie(y, hidden, z, stats) =
+        bn_forward_op().call(x, weights, biases, bn_weights, bn_biases, seed, num_splits,
+                             dropout, eps, save_for_backward || record);
   }
-  variable_list out = BnHeadForward::apply(x, weights, biases, bn_weights, bn_biases, seed,
-                                           num_splits, dropout, eps, save_for_backward);
-  return {out[0], out[1], out[2], out[3]};
+  if (!record) return {y, hidden, z, stats};
+  auto node = std::shared_ptr<BnHeadBackwardNode>(new BnHeadBackwardNode(),
+                                                  torch::autograd::deleteNode);
+  node->set_next_edges(
+      torch::autograd::collect_next_edges(x, weights, biases, bn_weights, bn_biases));
+  node->num_splits = num_splits;
+  node->dropout = dropout;
+  node->eps = eps;
+  node->x = SavedVariable(x, false);
+  node->hidden = SavedVariable(hidden, false);
+  node->z = SavedVariable(z, false);
+  node->stats = SavedVariable(stats, false);
+  if (seed.has_value()) node->seed = SavedVariable(*seed, false);
+  node->weights = save_all(weights);
+  node->gammas = save_all(bn_weights);
+  node->biases = save_all(biases);
+  node->betas = save_all(bn_biases);
+  torch::autograd::set_history(y, node);  // hidden, z and stats are not differentiable
+  if (!save_for_backward) hidden = z = at::empty({0}, x.options());
+  return {y, hidden, z, stats};
 }
 
 struct BnBackwardNotDifferentiable

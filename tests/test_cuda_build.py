@@ -100,7 +100,7 @@ def test_cpu_autograd_runs_in_cpp_and_hands_out_views():
     leaves = [t.requires_grad_() for t in (x, *ws, *bs)]
     y, _ = torch.ops.spinalkern.cuda_head_forward(x, ws, bs, seed_tensor("cpu", 1234), 0, 2,
                                                   0.2, True)
-    assert "CppNode" in y.grad_fn.name()
+    assert y.grad_fn.name() == "SpinalkernHeadBackward"
     called = []
 
     def profiler(frame, event, arg):
@@ -116,6 +116,54 @@ def test_cpu_autograd_runs_in_cpp_and_hands_out_views():
     storages = {t.grad.untyped_storage().data_ptr() for t in leaves[1:]}
     assert len(storages) == 1
     assert leaves[0].grad.shape == x.shape
+
+
+def _bn_call(spec, x, ws, bs):
+    gammas = [torch.rand(spec.H, requires_grad=True) + 0.5 for _ in range(spec.n)]
+    betas = [torch.randn(spec.H, requires_grad=True) for _ in range(spec.n)]
+    return torch.ops.spinalkern.cuda_head_bn_forward(x, ws, bs, gammas, betas, None,
+                                                     spec.num_splits, 0.0, 1e-5, False)[0]
+
+
+def _plain_call(spec, x, ws, bs):
+    return torch.ops.spinalkern.cuda_head_forward(x, ws, bs, None, 0, spec.num_splits, 0.0,
+                                                  True)[0]
+
+
+@needs_ext
+@pytest.mark.parametrize("call", [_plain_call, _bn_call], ids=["plain", "bn"])
+def test_cpu_autograd_node_keeps_autograds_rules(call):
+    """The C++ gradient nodes are plain autograd Nodes: autograd's own errors for a second
+    backward without retain_graph and for a saved input modified in place, retain_graph
+    works, and forward-mode AD (which they do not implement) raises instead of dropping the
+    tangent."""
+    from spinalkern.testing import random_params
+    spec = HeadSpec("spinal", 20, 8, 3, 6, 2)
+    ws, bs = random_params(spec)
+    ws = [w.requires_grad_() for w in ws]
+    x = torch.randn(5, 20)
+
+    y = call(spec, x, ws, bs)
+    assert y.grad_fn.name() in ("SpinalkernHeadBackward", "SpinalkernBnHeadBackward")
+    y.sum().backward(retain_graph=True)
+    first = [w.grad.clone() for w in ws]
+    y.sum().backward()                      # retained: runs again, same gradients added
+    for w, g in zip(ws, first):
+        torch.testing.assert_close(w.grad, 2 * g)
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        y.sum().backward()
+
+    y = call(spec, x, ws, bs)
+    with torch.no_grad():
+        ws[0].add_(1.0)                     # a saved input changes before backward
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+    import torch.autograd.forward_ad as fwAD
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(x, torch.randn_like(x))
+        with pytest.raises(RuntimeError, match="no forward-mode AD formula"):
+            call(spec, dual, ws, bs)
 
 
 def test_import_and_hint_without_extension():
