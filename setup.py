@@ -156,16 +156,16 @@ def _arch_list():
 
 def extensions():
     # No -std flag: BuildExtension adds the standard the installed torch's headers need.
-    cxx = ["-O3", "-DSK_PYTHON_MODULE"]
-    sources = ["csrc/spinal_head.cpp", "csrc/head_autograd.cpp"]
+    cxx = ["-O3"]
+    # python_module.cpp: the module spinalkern._C itself (the CMake build has no Python)
+    sources = ["csrc/spinal_head.cpp", "csrc/head_autograd.cpp", "csrc/python_module.cpp"]
     if not _use_cuda():
         return [CppExtension("spinalkern._C", sources, extra_compile_args={"cxx": cxx})]
     os.environ["TORCH_CUDA_ARCH_LIST"] = _arch_list()
     _log(f"building the CUDA extension (CUDA_HOME={_cuda_home}, torch {torch.__version__}, "
          f"archs {os.environ['TORCH_CUDA_ARCH_LIST']}, "
          f"MAX_JOBS={os.environ['MAX_JOBS']})")
-    nvcc = ["-O3", "-DSK_PYTHON_MODULE",
-            "--expt-relaxed-constexpr", "-Xptxas=--warn-on-spills"]
+    nvcc = ["-O3", "--expt-relaxed-constexpr", "-Xptxas=--warn-on-spills"]
     if _flag("SPINALKERN_PTXAS_VERBOSE"):
         nvcc.append("-Xptxas=-v")
     return [CUDAExtension(

@@ -11,10 +11,6 @@
 // The CUDA implementations live in spinal_head_{forward,backward}.cu.  The CPU
 // implementation below is a second, independent implementation written row by row (it
 // materialises every layer input u_L), used on CPU tensors and as a cross-check.
-#ifdef SK_PYTHON_MODULE
-#include <Python.h>
-#endif
-
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -606,21 +602,3 @@ TORCH_LIBRARY_IMPL(spinalkern, CPU, m) {
   m.impl("cuda_head_bn_backward", &spinalkern::head_bn_backward_cpu);
   m.impl("cuda_keep_mask", &spinalkern::keep_mask_cpu);
 }
-
-#ifdef SK_PYTHON_MODULE
-// `import spinalkern._C` loads this library, which registers the ops above.
-static struct PyModuleDef sk_module = {PyModuleDef_HEAD_INIT, "_C",
-                                       "spinalkern CUDA/C++ extension (ops in torch.ops.spinalkern)",
-                                       -1, nullptr};
-PyMODINIT_FUNC PyInit__C(void) {
-  PyObject* m = PyModule_Create(&sk_module);
-  if (m != nullptr) {
-#ifdef SK_WITH_CUDA
-    PyModule_AddIntConstant(m, "WITH_CUDA", 1);
-#else
-    PyModule_AddIntConstant(m, "WITH_CUDA", 0);
-#endif
-  }
-  return m;
-}
-#endif

@@ -31,13 +31,17 @@ class Backend:
     ``available(device)``: can it run on tensors of ``device`` here?  ``forward_op``: its
     ``torch.ops.spinalkern.<name>_head_forward.default`` (None when not built/loaded; then
     ``available`` is False).  ``build_hint()``: what to do when it is not available.
-    ``bn_forward_op``: its training-mode BatchNorm op, when it has one.
+    ``bn_forward_op``: its training-mode BatchNorm op, when it has one.  ``forward_fast``:
+    optionally, the forward op called without ``torch.ops``' per-call argument parsing, same
+    arguments, returning only y, or ``NotImplemented`` when it cannot take these arguments
+    (the caller then calls ``forward_op``); used by eager calls, not under torch.compile.
     """
     name: str
     available: Callable[[torch.device], bool]
     forward_op: Optional[torch._ops.OpOverload]
     build_hint: Callable[[], str]
     bn_forward_op: Optional[torch._ops.OpOverload] = None
+    forward_fast: Optional[Callable] = None
 
 
 _registry: dict[str, Backend] = {}

@@ -73,4 +73,6 @@ def build_hint() -> str:
 
 BACKEND = _backends.register(_backends.Backend(
     name="cuda", available=available_on, forward_op=forward_op, bn_forward_op=bn_forward_op,
-    build_hint=build_hint))
+    build_hint=build_hint,
+    # the forward op straight from Python (csrc/python_module.cpp): about 3 us less per call
+    forward_fast=_C.head_forward if _C is not None else None))

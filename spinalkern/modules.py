@@ -57,6 +57,10 @@ class _Head(nn.Module):
                 f"backend={self.backend!r}")
 
     def _check_input(self, x):
+        w = self._modules["out"]._parameters["weight"]
+        if type(x) is torch.Tensor and x.dtype == w.dtype and x.device == w.device \
+                and x.dim() == 2 and x.shape[1] == self.spec.D:
+            return  # the usual case, in a few attribute reads
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if not x.is_floating_point():
@@ -65,7 +69,6 @@ class _Head(nn.Module):
             raise ValueError(f"x must have shape (batch, {self.spec.D}), got {tuple(x.shape)}")
         if x.shape[1] != self.spec.D:
             raise ValueError(f"x has {x.shape[1]} features, expected in_features={self.spec.D}")
-        w = self._modules["out"]._parameters["weight"]
         if x.device != w.device:
             raise ValueError(f"x is on {x.device} but the head's parameters are on {w.device}")
         if x.dtype != w.dtype and not torch.is_autocast_enabled(x.device.type):
@@ -104,7 +107,13 @@ class _Head(nn.Module):
         self._check_input(x)
         backend = _backends.resolve(self.backend, x.device)
         p = self.dropout if self.training else 0.0
-        batch_stats = self.norms is not None and self._bn_uses_batch_stats()
+        if self.norms is None:  # (the plain head first: its call is the one to keep short)
+            if backend is None:
+                ws, bs = self._params()
+                return reference_forward(self.spec, x, ws, bs, p)
+            ws, bs = self._params()
+            return _run_op(backend, self.spec, x, ws, bs, p)
+        batch_stats = self._bn_uses_batch_stats()
         if batch_stats and x.shape[0] == 1:  # as BatchNorm1d does
             raise ValueError("Expected more than 1 value per channel when training, got input "
                              f"size {torch.Size([1, self.spec.H])}")
@@ -115,10 +124,9 @@ class _Head(nn.Module):
             # The eager reference (also for BatchNorm with batch statistics on a backend
             # without a BN op, or norms that the op cannot express)
             ws, bs = self._params()
-            return reference_forward(self.spec, x, ws, bs, p,
-                                     norms=list(self.norms) if self.norms is not None else None)
-        ws, bs = self._folded_params() if self.norms is not None else self._params()
-        return _run_op(backend.forward_op, self.spec, x, ws, bs, p)
+            return reference_forward(self.spec, x, ws, bs, p, norms=list(self.norms))
+        ws, bs = self._folded_params()
+        return _run_op(backend, self.spec, x, ws, bs, p)
 
     def _bn_forward(self, op, x, dropout: float):
         """The fused BN op (batch statistics), then the running statistics updated from its
@@ -149,6 +157,8 @@ class _Head(nn.Module):
 def _autocast(x, weights, biases):
     """x, weights and biases in the autocast dtype when autocast is on for x's device (the
     fused ops compute in one dtype)."""
+    if not torch._C._is_any_autocast_enabled():
+        return x, weights, biases
     dev = x.device.type
     if torch.is_autocast_enabled(dev):
         dtype = torch.get_autocast_dtype(dev)
@@ -156,23 +166,27 @@ def _autocast(x, weights, biases):
     return x, weights, biases
 
 
-def _run_op(op, spec: HeadSpec, x, weights, biases, dropout: float):
-    """Call a fused forward op: cast for autocast, draw the dropout seed, and save the hidden
-    activations only when a backward can follow."""
+def _run_op(backend: _backends.Backend, spec: HeadSpec, x, weights, biases, dropout: float):
+    """Call a fused backend's forward op: cast for autocast, draw the dropout seed, and save
+    the hidden activations only when a backward can follow."""
     x, weights, biases = _autocast(x, weights, biases)
     # (without autocast the op itself checks that every weight has x's dtype; it also accepts
     # any strides)
     seed = new_seed(x.device) if dropout > 0.0 else None
-    needs_grad = False
+    save_hidden = False
     if torch.is_grad_enabled():
         for t in (x, *weights, *biases):
             if t.requires_grad:
-                needs_grad = True
+                # hidden is saved for backward, or (from ops.RECOMPUTE_HIDDEN_FROM_BATCH rows
+                # on) recomputed there from the inputs
+                save_hidden = not ops.recompute_hidden(x.shape[0])
                 break
-    # hidden is saved for backward, or (from ops.RECOMPUTE_HIDDEN_FROM_BATCH rows on)
-    # recomputed there from the inputs
-    save_hidden = needs_grad and not ops.recompute_hidden(x.shape[0])
-    return op(x, weights, biases, seed, spec.kind_code, spec.num_splits, dropout, save_hidden)[0]
+    args = (x, weights, biases, seed, spec.kind_code, spec.num_splits, dropout, save_hidden)
+    if backend.forward_fast is not None and not torch.compiler.is_compiling():
+        y = backend.forward_fast(*args)
+        if y is not NotImplemented:
+            return y
+    return backend.forward_op(*args)[0]
 
 
 def fused_head(spec: HeadSpec, x, weights, biases, dropout: float, backend="auto"):
@@ -183,7 +197,7 @@ def fused_head(spec: HeadSpec, x, weights, biases, dropout: float, backend="auto
         backend = _backends.resolve(_backends.check_name(name), x.device)
         if backend is None:
             raise ValueError(f"backend={name!r} runs no fused backend on {x.device}")
-    return _run_op(backend.forward_op, spec, x, weights, biases, dropout)
+    return _run_op(backend, spec, x, weights, biases, dropout)
 
 
 class SpinalHead(_Head):

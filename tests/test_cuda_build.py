@@ -166,6 +166,49 @@ def test_cpu_autograd_node_keeps_autograds_rules(call):
             call(spec, dual, ws, bs)
 
 
+@needs_ext
+def test_fast_forward_entry_is_the_op():
+    """spinalkern._C.head_forward (the modules' eager entry) returns the op's y bit for bit,
+    raises the op's errors, and hands Tensor subclasses and TorchFunctionModes back
+    (NotImplemented) to torch.ops, which the module then calls."""
+    from torch.overrides import TorchFunctionMode
+
+    from spinalkern import SpinalHead, _C
+    from spinalkern.testing import random_params
+    spec = HeadSpec("spinal", 20, 8, 3, 6, 2)
+    ws, bs = random_params(spec)
+    x = torch.randn(5, 20)
+    op = torch.ops.spinalkern.cuda_head_forward.default
+    for p, seed in ((0.0, None), (0.3, seed_tensor("cpu", 77))):
+        want = op(x, ws, bs, seed, 0, 2, p, False)[0]
+        assert torch.equal(_C.head_forward(x, ws, bs, seed, 0, 2, p, False), want)
+    bad = [ws[0], ws[1][:, :-1], *ws[2:]]
+    for call in (op, _C.head_forward):
+        with pytest.raises(ValueError, match=r"weights\[1\] has shape"):
+            call(x, bad, bs, None, 0, 2, 0.0, False)
+
+    class Sub(torch.Tensor):
+        pass
+
+    assert _C.head_forward(x.as_subclass(Sub), ws, bs, None, 0, 2, 0.0, False) \
+        is NotImplemented
+    seen = []
+
+    class Spy(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    head = SpinalHead(20, 6, 8, 3, 2, backend="cuda")
+    with torch.no_grad():
+        y = head(x)
+        with Spy():
+            assert _C.head_forward(x, ws, bs, None, 0, 2, 0.0, False) is NotImplemented
+            y_mode = head(x)
+    assert "spinalkern.cuda_head_forward.default" in seen
+    assert torch.equal(y, y_mode)
+
+
 def test_import_and_hint_without_extension():
     # importing never fails; the hint names the build commands and the knobs
     hint = cuda_backend.build_hint()
