@@ -50,19 +50,29 @@ uint64_t seed_value(const HeadDims& d, const std::optional<at::Tensor>& seed) {
 // tree over blocks of kPairBlock terms (VectorSum).  Both are in a fixed order: deterministic.
 constexpr int64_t kPairBlock = 128;
 
+// One block (K <= kPairBlock): 8 interleaved partial sums, combined in a tree.
 template <typename A, typename T>
-A dot_pairwise(const A* u, const T* w, int64_t K) {
-  if (K <= kPairBlock) {
-    A s[8] = {A(0), A(0), A(0), A(0), A(0), A(0), A(0), A(0)};
-    int64_t k = 0;
-    for (; k + 8 <= K; k += 8)
-      for (int i = 0; i < 8; ++i) s[i] += u[k + i] * (A)w[k + i];
-    A r = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
-    for (; k < K; ++k) r += u[k] * (A)w[k];
-    return r;
-  }
+inline A dot_block(const A* __restrict u, const T* __restrict w, int64_t K) {
+  A s[8] = {A(0), A(0), A(0), A(0), A(0), A(0), A(0), A(0)};
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8)
+    for (int i = 0; i < 8; ++i) s[i] += u[k + i] * (A)w[k + i];
+  A r = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+  for (; k < K; ++k) r += u[k] * (A)w[k];
+  return r;
+}
+
+template <typename A, typename T>
+A dot_pairwise_tree(const A* u, const T* w, int64_t K) {
+  if (K <= kPairBlock) return dot_block(u, w, K);
   const int64_t half = (K / 2 + 7) / 8 * 8;
-  return dot_pairwise(u, w, half) + dot_pairwise(u + half, w + half, K - half);
+  return dot_pairwise_tree(u, w, half) + dot_pairwise_tree(u + half, w + half, K - half);
+}
+
+// The dot product of u and w, pairwise (a single block inline: most layers are that short).
+template <typename A, typename T>
+inline A dot_pairwise(const A* u, const T* w, int64_t K) {
+  return K <= kPairBlock ? dot_block(u, w, K) : dot_pairwise_tree(u, w, K);
 }
 
 // Sum of a stream of vectors of length len: add terms into block(), then call next(terms).
@@ -127,8 +137,12 @@ void apply_dropout(const HeadDims& d, const LayerInfo& li, int row, uint64_t see
 template <typename T, typename A>
 void build_input(const HeadDims& d, const LayerInfo& li, int row, uint64_t seed,
                  const T* __restrict xrow, const A* __restrict hrow, A* __restrict u) {
-  for (int c = 0; c < li.xw; ++c) u[c] = (A)xrow[li.xoff + c];
-  for (int c = 0; c < li.hw; ++c) u[li.xw + c] = hrow[li.hoff + c];
+  const int xw = li.xw, hw = li.hw;  // (bounds and bases in locals: the copies vectorise)
+  const T* __restrict xs = xrow + li.xoff;
+  const A* __restrict hs = hrow + li.hoff;
+  A* __restrict uh = u + xw;
+  for (int c = 0; c < xw; ++c) u[c] = (A)xs[c];
+  for (int c = 0; c < hw; ++c) uh[c] = hs[c];
   if (li.drop_x || li.drop_h) apply_dropout(d, li, row, seed, u);
 }
 
@@ -207,8 +221,13 @@ void input_grad(const HeadDims& d, const LayerInfo& li, int row, uint64_t seed, 
   }
   A* dus = du.total();
   if (li.drop_x || li.drop_h) apply_dropout(d, li, row, seed, dus);
-  for (int c = 0; c < li.xw; ++c) gxa[li.xoff + c] += dus[c];
-  for (int c = 0; c < li.hw; ++c) dh[li.hoff + c] += dus[li.xw + c];
+  const int xw = li.xw, hw = li.hw;  // (bounds and bases in locals: the sums vectorise)
+  const A* __restrict dx = dus;
+  const A* __restrict dhs = dus + xw;
+  A* __restrict gx = gxa + li.xoff;
+  A* __restrict gh = dh + li.hoff;
+  for (int c = 0; c < xw; ++c) gx[c] += dx[c];
+  for (int c = 0; c < hw; ++c) gh[c] += dhs[c];
 }
 
 template <typename T, typename A>
@@ -299,10 +318,11 @@ void weight_grads(const HeadDims& d, const std::vector<LayerInfo>& lis,
         for (int i = 0; i < m; ++i) a[li.K] += g[i];
         acc.next(m);
       }
-      const A* sum = acc.total();
-      const int64_t woff = param_offset(d, L);
-      for (int c = 0; c < li.K; ++c) gparams[woff + (int64_t)j * li.K + c] = (T)sum[c];
-      gparams[woff + (int64_t)li.N * li.K + j] = (T)sum[li.K];
+      const A* __restrict sum = acc.total();
+      const int K = li.K;
+      T* __restrict dw = gparams + param_offset(d, L) + (int64_t)j * K;  // row j of dW_L
+      for (int c = 0; c < K; ++c) dw[c] = (T)sum[c];
+      gparams[param_offset(d, L) + (int64_t)li.N * K + j] = (T)sum[K];
     }
   });
 }
