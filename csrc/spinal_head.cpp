@@ -124,6 +124,15 @@ int64_t grain_for(int64_t work_per_item) {
   return std::max<int64_t>(1, kWorkPerTask / std::max<int64_t>(1, work_per_item));
 }
 
+// The row loops of the plain head's ops are compiled twice, for AVX2 and for baseline x86-64,
+// and the loader picks one for the machine (GCC's function multiversioning).  AVX2 without
+// FMA: both versions round every operation alike, so their results are the same bits.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define SK_CPU_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define SK_CPU_CLONES
+#endif
+
 // v[c] *= dropout(column c of u_L) for the columns of u_L that dropout applies to.
 template <typename A>
 void apply_dropout(const HeadDims& d, const LayerInfo& li, int row, uint64_t seed, A* v) {
@@ -171,40 +180,49 @@ inline void add_terms(A* __restrict acc, const A* g, const T* v, int64_t stride,
   }
 }
 
+// Rows r0..r1 of the forward.
+template <typename T>
+SK_CPU_CLONES void forward_rows(const HeadDims& d, const std::vector<LayerInfo>& lis, int maxK,
+                                const T* x, const std::vector<const T*>& W,
+                                const std::vector<const T*>& bias, uint64_t seed, T* y,
+                                T* hidden, int64_t r0, int64_t r1) {
+  using A = cpu_acc_t<T>;
+  const int n = d.n, nH = d.n * d.H;
+  std::vector<A> h(nH), u(maxK);
+  for (int64_t row = r0; row < r1; ++row) {
+    const T* xrow = x + row * d.D;
+    for (int L = 0; L <= n; ++L) {
+      const LayerInfo& li = lis[L];
+      build_input<T, A>(d, li, (int)row, seed, xrow, h.data(), u.data());
+      for (int j = 0; j < li.N; ++j) {
+        // z_j = u . W_L[j, :] + b_j  (W_L row-major: row j is contiguous)
+        const A z = dot_pairwise(u.data(), W[L] + (int64_t)j * li.K, li.K) + (A)bias[L][j];
+        if (L < n) {
+          const A r = z < A(0) ? A(0) : z;  // keeps NaN, like torch.relu
+          const T rt = (T)r;                // h is stored in x's dtype
+          h[L * d.H + j] = (A)rt;
+          if (hidden) hidden[row * nH + L * d.H + j] = rt;
+        } else {
+          y[row * d.C + j] = (T)z;
+        }
+      }
+    }
+  }
+}
+
 template <typename T>
 void forward_cpu(const HeadDims& d, const T* x, const std::vector<const T*>& W,
                  const std::vector<const T*>& bias, uint64_t seed, T* y, T* hidden) {
-  using A = cpu_acc_t<T>;
-  const int n = d.n, nH = d.n * d.H;
-  std::vector<LayerInfo> lis(n + 1);
+  std::vector<LayerInfo> lis(d.n + 1);
   int maxK = 0;
   int64_t work = 0;
-  for (int L = 0; L <= n; ++L) {
+  for (int L = 0; L <= d.n; ++L) {
     lis[L] = layer_info(d, L);
     maxK = std::max(maxK, lis[L].K);
     work += (int64_t)lis[L].K * lis[L].N;
   }
   at::parallel_for(0, d.B, grain_for(work), [&](int64_t r0, int64_t r1) {
-    std::vector<A> h(nH), u(maxK);
-    for (int64_t row = r0; row < r1; ++row) {
-      const T* xrow = x + row * d.D;
-      for (int L = 0; L <= n; ++L) {
-        const LayerInfo& li = lis[L];
-        build_input<T, A>(d, li, (int)row, seed, xrow, h.data(), u.data());
-        for (int j = 0; j < li.N; ++j) {
-          // z_j = u . W_L[j, :] + b_j  (W_L row-major: row j is contiguous)
-          const A z = dot_pairwise(u.data(), W[L] + (int64_t)j * li.K, li.K) + (A)bias[L][j];
-          if (L < n) {
-            const A r = z < A(0) ? A(0) : z;  // keeps NaN, like torch.relu
-            const T rt = (T)r;                // h is stored in x's dtype
-            h[L * d.H + j] = (A)rt;
-            if (hidden) hidden[row * nH + L * d.H + j] = rt;
-          } else {
-            y[row * d.C + j] = (T)z;
-          }
-        }
-      }
-    }
+    forward_rows(d, lis, maxK, x, W, bias, seed, y, hidden, r0, r1);
   });
 }
 
@@ -247,11 +265,45 @@ inline void layer_offsets(const HeadDims& d, std::vector<LayerInfo>& lis,
   }
 }
 
+// Rows r0..r1 of the backward's input gradients; fills their rows of U and DZ.
+template <typename T, typename A>
+SK_CPU_CLONES void backward_rows(const HeadDims& d, const std::vector<LayerInfo>& lis,
+                                 const std::vector<int64_t>& uoff,
+                                 const std::vector<int64_t>& zoff, const T* gy, const T* x,
+                                 const std::vector<const T*>& W, const T* hidden, uint64_t seed,
+                                 T* gx, A* U, A* DZ, int64_t r0, int64_t r1) {
+  const int n = d.n, nH = d.n * d.H;
+  std::vector<A> h(nH), dh(nH), gxa(d.D);
+  VectorSum<A> du;
+  for (int64_t row = r0; row < r1; ++row) {
+    const T* xrow = x + row * d.D;
+    for (int j = 0; j < nH; ++j) h[j] = (A)hidden[row * nH + j];
+    std::fill(dh.begin(), dh.end(), A(0));
+    std::fill(gxa.begin(), gxa.end(), A(0));
+    A* urow = U + (size_t)row * uoff[n + 1];
+    A* zrow = DZ + (size_t)row * zoff[n + 1];
+    for (int L = 0; L <= n; ++L)
+      build_input<T, A>(d, lis[L], (int)row, seed, xrow, h.data(), urow + uoff[L]);
+    for (int L = n; L >= 0; --L) {
+      const LayerInfo& li = lis[L];
+      A* dz = zrow + zoff[L];
+      if (L == n) {
+        for (int j = 0; j < d.C; ++j) dz[j] = (A)gy[row * d.C + j];
+      } else {
+        // ReLU backward as torch: zero where the output is <= 0 (NaN passes the gradient)
+        for (int j = 0; j < d.H; ++j) dz[j] = h[L * d.H + j] <= A(0) ? A(0) : dh[L * d.H + j];
+      }
+      input_grad(d, li, (int)row, seed, dz, W[L], du, gxa.data(), dh.data());
+    }
+    for (int c = 0; c < d.D; ++c) gx[row * d.D + c] = (T)gxa[c];
+  }
+}
+
 template <typename T>
 void backward_cpu(const HeadDims& d, const T* gy, const T* x, const std::vector<const T*>& W,
                   const T* hidden, uint64_t seed, T* gx, T* gparams) {
   using A = cpu_acc_t<T>;
-  const int n = d.n, nH = d.n * d.H;
+  const int n = d.n;
   std::vector<LayerInfo> lis(n + 1);
   std::vector<int64_t> uoff, zoff;
   layer_offsets(d, lis, uoff, zoff);
@@ -259,32 +311,39 @@ void backward_cpu(const HeadDims& d, const T* gy, const T* x, const std::vector<
   // Per row: every layer's dropped input u_L and output gradient dz_L (needed for dW).
   std::vector<A> U((size_t)d.B * uoff[n + 1]), DZ((size_t)d.B * zoff[n + 1]);
   at::parallel_for(0, d.B, grain_for(2 * work), [&](int64_t r0, int64_t r1) {
-    std::vector<A> h(nH), dh(nH), gxa(d.D);
-    VectorSum<A> du;
-    for (int64_t row = r0; row < r1; ++row) {
-      const T* xrow = x + row * d.D;
-      for (int j = 0; j < nH; ++j) h[j] = (A)hidden[row * nH + j];
-      std::fill(dh.begin(), dh.end(), A(0));
-      std::fill(gxa.begin(), gxa.end(), A(0));
-      A* urow = &U[(size_t)row * uoff[n + 1]];
-      A* zrow = &DZ[(size_t)row * zoff[n + 1]];
-      for (int L = 0; L <= n; ++L)
-        build_input<T, A>(d, lis[L], (int)row, seed, xrow, h.data(), urow + uoff[L]);
-      for (int L = n; L >= 0; --L) {
-        const LayerInfo& li = lis[L];
-        A* dz = zrow + zoff[L];
-        if (L == n) {
-          for (int j = 0; j < d.C; ++j) dz[j] = (A)gy[row * d.C + j];
-        } else {
-          // ReLU backward as torch: zero where the output is <= 0 (NaN passes the gradient)
-          for (int j = 0; j < d.H; ++j) dz[j] = h[L * d.H + j] <= A(0) ? A(0) : dh[L * d.H + j];
-        }
-        input_grad(d, li, (int)row, seed, dz, W[L], du, gxa.data(), dh.data());
-      }
-      for (int c = 0; c < d.D; ++c) gx[row * d.D + c] = (T)gxa[c];
-    }
+    backward_rows(d, lis, uoff, zoff, gy, x, W, hidden, seed, gx, U.data(), DZ.data(), r0, r1);
   });
   weight_grads(d, lis, uoff, zoff, U, DZ, gparams);
+}
+
+// Tasks t0..t1 (each a (layer, output) pair) of weight_grads below.
+template <typename T, typename A>
+SK_CPU_CLONES void weight_grad_tasks(const HeadDims& d, const std::vector<LayerInfo>& lis,
+                                     const std::vector<int64_t>& uoff,
+                                     const std::vector<int64_t>& zoff, const A* U, const A* DZ,
+                                     const std::pair<int, int>* tasks, T* gparams, int64_t t0,
+                                     int64_t t1) {
+  const int n = d.n;
+  VectorSum<A> acc;
+  for (int64_t t = t0; t < t1; ++t) {
+    const int L = tasks[t].first, j = tasks[t].second;
+    const LayerInfo& li = lis[L];
+    acc.reset(li.K + 1);
+    for (int64_t row = 0; row < d.B; row += kGroup) {  // kGroup rows at a time
+      const int m = (int)std::min<int64_t>(kGroup, d.B - row);
+      A g[kGroup];
+      for (int i = 0; i < m; ++i) g[i] = DZ[(size_t)(row + i) * zoff[n + 1] + zoff[L] + j];
+      A* a = acc.block();
+      add_terms(a, g, U + (size_t)row * uoff[n + 1] + uoff[L], uoff[n + 1], m, li.K);
+      for (int i = 0; i < m; ++i) a[li.K] += g[i];
+      acc.next(m);
+    }
+    const A* __restrict sum = acc.total();
+    const int K = li.K;
+    T* __restrict dw = gparams + param_offset(d, L) + (int64_t)j * K;  // row j of dW_L
+    for (int c = 0; c < K; ++c) dw[c] = (T)sum[c];
+    gparams[param_offset(d, L) + (int64_t)li.N * K + j] = (T)sum[K];
+  }
 }
 
 // dW_L[j, :] = sum over rows of dz_L[row, j] * u_L[row, :] and db_L[j] = sum of dz_L[row, j]
@@ -304,26 +363,7 @@ void weight_grads(const HeadDims& d, const std::vector<LayerInfo>& lis,
     for (int j = 0; j < lis[L].N; ++j) tasks.emplace_back(L, j);
   at::parallel_for(0, (int64_t)tasks.size(), grain_for((int64_t)d.B * maxK),
                    [&](int64_t t0, int64_t t1) {
-    VectorSum<A> acc;
-    for (int64_t t = t0; t < t1; ++t) {
-      const int L = tasks[t].first, j = tasks[t].second;
-      const LayerInfo& li = lis[L];
-      acc.reset(li.K + 1);
-      for (int64_t row = 0; row < d.B; row += kGroup) {  // kGroup rows at a time
-        const int m = (int)std::min<int64_t>(kGroup, d.B - row);
-        A g[kGroup];
-        for (int i = 0; i < m; ++i) g[i] = DZ[(size_t)(row + i) * zoff[n + 1] + zoff[L] + j];
-        A* a = acc.block();
-        add_terms(a, g, &U[(size_t)row * uoff[n + 1] + uoff[L]], uoff[n + 1], m, li.K);
-        for (int i = 0; i < m; ++i) a[li.K] += g[i];
-        acc.next(m);
-      }
-      const A* __restrict sum = acc.total();
-      const int K = li.K;
-      T* __restrict dw = gparams + param_offset(d, L) + (int64_t)j * K;  // row j of dW_L
-      for (int c = 0; c < K; ++c) dw[c] = (T)sum[c];
-      gparams[param_offset(d, L) + (int64_t)li.N * K + j] = (T)sum[K];
-    }
+    weight_grad_tasks(d, lis, uoff, zoff, U.data(), DZ.data(), tasks.data(), gparams, t0, t1);
   });
 }
 
