@@ -167,6 +167,19 @@ def test_cpu_autograd_node_keeps_autograds_rules(call):
 
 
 @needs_ext
+def test_compiled_autograd_says_it_cannot_trace_the_node():
+    """Compiled autograd cannot trace the C++ gradient node: it must raise, not train on
+    wrong gradients (docs/cuda.md says so and what to use instead)."""
+    from torch._dynamo import compiled_autograd
+
+    from spinalkern import SpinalHead
+    head = SpinalHead(20, 6, 8, 3, 2, backend="cuda")
+    with pytest.raises(NotImplementedError, match="SpinalkernHeadBackward"):
+        with compiled_autograd._enable(lambda gm: gm):
+            head(torch.randn(4, 20)).sum().backward()
+
+
+@needs_ext
 def test_fast_forward_entry_is_the_op():
     """spinalkern._C.head_forward (the modules' eager entry) returns the op's y bit for bit,
     raises the op's errors, and hands Tensor subclasses and TorchFunctionModes back
