@@ -108,10 +108,9 @@ class _Head(nn.Module):
         backend = _backends.resolve(self.backend, x.device)
         p = self.dropout if self.training else 0.0
         if self.norms is None:  # (the plain head first: its call is the one to keep short)
-            if backend is None:
-                ws, bs = self._params()
-                return reference_forward(self.spec, x, ws, bs, p)
             ws, bs = self._params()
+            if backend is None:
+                return reference_forward(self.spec, x, ws, bs, p)
             return _run_op(backend, self.spec, x, ws, bs, p)
         batch_stats = self._bn_uses_batch_stats()
         if batch_stats and x.shape[0] == 1:  # as BatchNorm1d does
