@@ -74,5 +74,6 @@ def build_hint() -> str:
 BACKEND = _backends.register(_backends.Backend(
     name="cuda", available=available_on, forward_op=forward_op, bn_forward_op=bn_forward_op,
     build_hint=build_hint,
-    # the forward op straight from Python (csrc/python_module.cpp): about 3 us less per call
+    # the forward op straight from Python, without torch.ops' argument parsing
+    # (csrc/python_module.cpp)
     forward_fast=_C.head_forward if _C is not None else None))
