@@ -18,7 +18,7 @@ torch.set_num_threads(min(4, os.cpu_count() or 1))
 
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (runs on the GPU machine)")
 
-# Where the Triton backend runs its kernels in this session.
+# Where the Triton backend runs its kernels in this test run.
 TRITON_DEVICE = "cuda" if HAS_CUDA else "cpu"
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -88,3 +88,25 @@ def pytest_collection_modifyitems(config, items):
 def pytest_report_header(config):
     return (f"spinalkern tests: torch {torch.__version__}, CUDA available: {HAS_CUDA}, "
             f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}")
+
+
+# -- the training command line's tests (test_cli.py, test_train.py) ---------------------------------
+SHARED = os.environ.get("SPINALKERN_DATA", os.path.join(ROOT, "..", "shared", "data"))
+needs_mnist = pytest.mark.skipif(not os.path.isdir(os.path.join(SHARED, "mnist")),
+                                 reason="shared MNIST not found")
+CLI_CPU = ["--device", "cpu", "--threads", "1", "--data-root", SHARED, "--progress", "off"]
+
+
+@pytest.fixture
+def keep_threads():
+    """Restores torch's thread count after a test (a training run sets it from --threads)."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def run_cli(tmp_path, *args):
+    """A training run from command-line arguments, on CPU (CLI_CPU), writing under tmp_path."""
+    from models.training.cli import parse_args
+    from models.training.runs import run_all
+    return run_all(parse_args([*CLI_CPU, "--out", str(tmp_path), *args]))

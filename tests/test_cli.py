@@ -8,30 +8,16 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from models.training import config as K
 from models.training.cli import build_parser, main, parse_args
 from models.training.config import ConfigError, TrainConfig
 from models.training.provenance import COMMIT_FILE_ENV, commit_label, git_info
-from models.training.runs import run_all
+
+from conftest import CLI_CPU as CPU, needs_mnist, run_cli as _run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = os.environ.get("SPINALKERN_DATA", os.path.join(REPO, "..", "shared", "data"))
-needs_mnist = pytest.mark.skipif(not os.path.isdir(os.path.join(SHARED, "mnist")),
-                                 reason="shared MNIST not found")
-CPU = ["--device", "cpu", "--threads", "1", "--data-root", SHARED, "--progress", "off"]
-
-
-@pytest.fixture(autouse=True)
-def _keep_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
-def _run(tmp_path, *args):
-    return run_all(parse_args([*CPU, "--out", str(tmp_path), *args]))
+pytestmark = pytest.mark.usefixtures("keep_threads")
 
 
 # -- the parser is generated from TrainConfig ---------------------------------------------------

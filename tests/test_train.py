@@ -15,22 +15,9 @@ from models.training.config import ConfigError
 from models.training.datasets import write_idx
 from models.training.runs import run_all
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = os.environ.get("SPINALKERN_DATA", os.path.join(REPO, "..", "shared", "data"))
-needs_mnist = pytest.mark.skipif(not os.path.isdir(os.path.join(SHARED, "mnist")),
-                                 reason="shared MNIST not found")
-CPU = ["--device", "cpu", "--threads", "1", "--data-root", SHARED, "--progress", "off"]
+from conftest import CLI_CPU as CPU, SHARED, needs_mnist, run_cli as _run
 
-
-@pytest.fixture(autouse=True)
-def _keep_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
-def _run(tmp_path, *args):
-    return run_all(parse_args([*CPU, "--out", str(tmp_path), *args]))
+pytestmark = pytest.mark.usefixtures("keep_threads")
 
 
 @pytest.fixture(scope="module")
