@@ -35,6 +35,7 @@
 
 #include "head_layout.h"
 #include "op_checks.h"
+#include "op_handles.h"
 
 namespace spinalkern {
 namespace {
@@ -42,37 +43,6 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::SavedVariable;
 using torch::autograd::variable_list;
-
-using ForwardFn = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, at::TensorList,
-                                                     at::TensorList,
-                                                     const std::optional<at::Tensor>&, int64_t,
-                                                     int64_t, double, bool);
-using BackwardFn = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                      at::TensorList, const at::Tensor&,
-                                                      const std::optional<at::Tensor>&,
-                                                      int64_t, int64_t, double);
-using KeepMaskFn = at::Tensor(const at::Tensor&, int64_t, int64_t, int64_t, double);
-
-const c10::TypedOperatorHandle<ForwardFn>& forward_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("spinalkern::cuda_head_forward", "")
-                             .typed<ForwardFn>();
-  return op;
-}
-
-const c10::TypedOperatorHandle<BackwardFn>& backward_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("spinalkern::cuda_head_backward", "")
-                             .typed<BackwardFn>();
-  return op;
-}
-
-const c10::TypedOperatorHandle<KeepMaskFn>& keep_mask_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("spinalkern::cuda_keep_mask", "")
-                             .typed<KeepMaskFn>();
-  return op;
-}
 
 std::optional<at::Tensor> opt(const at::Tensor& t) {
   return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
@@ -220,24 +190,24 @@ struct HeadBackwardNode : public torch::autograd::Node {
       out.resize(num_grads);
       return out;
     }
+    const bool create_graph = at::GradMode::is_enabled();
     const at::Tensor x_ = x.unpack(), seed_ = seed.unpack();
     const std::vector<at::Tensor> ws = unpack_all(weights);
-    std::vector<at::Tensor> bs;
+    // the biases: to recompute hidden, and for a differentiable backward
+    const std::vector<at::Tensor> bs =
+        save_hidden && !create_graph ? std::vector<at::Tensor>() : unpack_all(biases);
     at::Tensor hidden_;
     if (save_hidden) {
       hidden_ = hidden.unpack();
     } else {  // recompute hidden from the inputs (no graph: hidden is not differentiated)
-      bs = unpack_all(biases);
       at::NoGradGuard no_grad;
       at::AutoDispatchBelowADInplaceOrView below;
       hidden_ = std::get<1>(forward_op().call(x_, ws, bs, opt(seed_), kind, num_splits, dropout,
                                               true));
     }
-    if (at::GradMode::is_enabled()) {  // create_graph=True
-      if (bs.empty()) bs = unpack_all(biases);
+    if (create_graph)
       return differentiable_backward(grad_y, x_, ws, bs, hidden_, seed_, kind, num_splits,
                                      dropout);
-    }
     auto [grad_x, flat] = backward_op().call(grad_y, x_, ws, hidden_, opt(seed_), kind,
                                              num_splits, dropout);
     out.reserve(num_grads);
@@ -323,27 +293,6 @@ std::tuple<at::Tensor, at::Tensor> head_backward_autograd(
 //           dgamma_i / dbeta_i views of grad_bn.  With create_graph=True, the same gradients
 //           from differentiable ATen ops (differentiable_backward with batch_norm in training
 //           mode, hidden teacher-forced), as for the plain head.
-using BnForwardFn = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
-    const at::Tensor&, at::TensorList, at::TensorList, at::TensorList, at::TensorList,
-    const std::optional<at::Tensor>&, int64_t, double, double, bool);
-using BnBackwardFn = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-    const at::Tensor&, const at::Tensor&, at::TensorList, at::TensorList, const at::Tensor&,
-    const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, int64_t, double);
-
-const c10::TypedOperatorHandle<BnForwardFn>& bn_forward_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("spinalkern::cuda_head_bn_forward", "")
-                             .typed<BnForwardFn>();
-  return op;
-}
-
-const c10::TypedOperatorHandle<BnBackwardFn>& bn_backward_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("spinalkern::cuda_head_bn_backward", "")
-                             .typed<BnBackwardFn>();
-  return op;
-}
-
 struct BnHeadBackwardNode : public torch::autograd::Node {
   int64_t num_splits = 1;
   double dropout = 0.0, eps = 0.0;

@@ -12,7 +12,6 @@
 //       active, whose __torch_function__ only torch.ops honours: the caller then calls
 //       torch.ops.  (spinalkern/cuda_backend.py; the modules use it outside torch.compile.)
 #include <ATen/PythonTorchFunctionTLS.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/utils/pybind.h>
@@ -21,14 +20,9 @@
 #include <tuple>
 #include <vector>
 
-#include "op_schemas.h"
+#include "op_handles.h"
 
 namespace {
-
-using ForwardFn = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, at::TensorList,
-                                                     at::TensorList,
-                                                     const std::optional<at::Tensor>&, int64_t,
-                                                     int64_t, double, bool);
 
 // A plain Tensor or Parameter (nothing whose __torch_function__ could differ from Tensor's).
 bool plain_tensor(PyObject* obj) { return THPVariable_CheckExact(obj); }
@@ -65,14 +59,12 @@ PyObject* head_forward(PyObject* /*module*/, PyObject* const* args, Py_ssize_t n
   const double dropout = PyFloat_AsDouble(args[6]);
   const int save_hidden = PyObject_IsTrue(args[7]);
   if (PyErr_Occurred() || save_hidden < 0) return nullptr;
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("spinalkern::cuda_head_forward", "")
-                             .typed<ForwardFn>();
   at::Tensor y;
   {
     pybind11::gil_scoped_release no_gil;  // as torch.ops does while an op runs
-    y = std::get<0>(op.call(THPVariable_Unpack(args[0]), weights, biases, seed, kind,
-                            num_splits, dropout, save_hidden != 0));
+    y = std::get<0>(spinalkern::forward_op().call(THPVariable_Unpack(args[0]), weights, biases,
+                                                  seed, kind, num_splits, dropout,
+                                                  save_hidden != 0));
   }
   return THPVariable_Wrap(std::move(y));
   END_HANDLE_TH_ERRORS

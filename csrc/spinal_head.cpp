@@ -340,9 +340,10 @@ SK_CPU_CLONES void weight_grad_tasks(const HeadDims& d, const std::vector<LayerI
     }
     const A* __restrict sum = acc.total();
     const int K = li.K;
-    T* __restrict dw = gparams + param_offset(d, L) + (int64_t)j * K;  // row j of dW_L
+    const int64_t woff = param_offset(d, L);
+    T* __restrict dw = gparams + woff + (int64_t)j * K;  // row j of dW_L
     for (int c = 0; c < K; ++c) dw[c] = (T)sum[c];
-    gparams[param_offset(d, L) + (int64_t)li.N * K + j] = (T)sum[K];
+    gparams[woff + (int64_t)li.N * K + j] = (T)sum[K];
   }
 }
 
